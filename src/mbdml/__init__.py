@@ -1,0 +1,3 @@
+"""mbdml: Mixup-based deep metric learning with the NNGK classifier, for few labels."""
+
+__version__ = "0.1.0"
