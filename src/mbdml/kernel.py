@@ -1,0 +1,247 @@
+"""The nearest-neighbour Gaussian kernel classifier (NNGK) and its loss.
+
+Meyer, Harwood and Drummond (ICIP 2018); the form used by Buris et al. (ICIP 2022).
+Every labelled training image is a centre c_j (its embedding, computed without
+gradient) with a learnable weight w_j = exp(theta_j). An embedding f is classified by
+its K nearest centres:
+
+    k_j(f) = w_j * exp(-||f - c_j||^2 / (2 sigma^2))
+    P(c | f) = sum_{j in N(f), y_j = c} k_j(f) / sum_{j in N(f)} k_j(f)
+
+A class with no neighbour in the list gets ``min_prob`` (1e-10) before renormalising,
+as in the authors' code. Everything here is computed in log space (a log-sum-exp per
+class), so far-apart embeddings (large distances over 2 sigma^2) do not underflow to
+the authors' flat, gradient-free loss; where their formula does not underflow the two
+agree. The whole batch is handled at once (no Python loop over samples).
+
+Use it as a loss beside pytorch-metric-learning's::
+
+    kernel = NNGKClassifier(num_classes=10, sigma=10.0, k=200)
+    kernel.set_centres(labelled_embeddings, labelled_labels)   # at each refresh
+    loss = kernel(embeddings, labels, indices)                 # indices: centre ids
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, DataError
+from .neighbours import effective_k, knn_search
+
+
+class NNGKClassifier(nn.Module):
+    """Nearest-neighbour Gaussian kernel classifier: centres, kernel weights, loss.
+
+    Args:
+        num_classes: number of classes (may also be given at :meth:`set_centres`).
+        sigma: kernel width, fixed (the paper: 10).
+        k: number of nearest centres taking part (the paper: 200).
+        min_prob: probability given to a class with no mass before renormalising.
+        learn_weights: whether the per-centre weights theta_j are trained.
+        search_backend: neighbour search, see :func:`mbdml.neighbours.knn_search`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        sigma: float = 10.0,
+        k: int = 200,
+        *,
+        min_prob: float = 1e-10,
+        learn_weights: bool = True,
+        search_backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        if not sigma > 0 or not math.isfinite(sigma):
+            raise ConfigError(f"sigma must be a positive number, got {sigma}; pass --sigma 10 (the paper's value) or another positive width")
+        if k < 1:
+            raise ConfigError(f"K (the number of neighbours) must be at least 1, got {k}; pass --k 200 (the paper's value) or another positive count")
+        if not 0 < min_prob < 1:
+            raise ConfigError(f"min_prob must be in (0, 1), got {min_prob}")
+        self.num_classes = num_classes
+        self.sigma = float(sigma)
+        self.k = int(k)
+        self.min_prob = float(min_prob)
+        self.search_backend = search_backend
+        self.log_weights = nn.Parameter(torch.zeros(0), requires_grad=learn_weights)
+        self.register_buffer("centres", torch.zeros(0, 0))
+        self.register_buffer("centre_labels", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("train_neighbours", torch.zeros(0, 0, dtype=torch.long))
+        self.register_buffer("_num_classes_buf", torch.tensor(num_classes if num_classes else 0))
+
+    # ------------------------------------------------------------------ centres
+    @property
+    def num_centres(self) -> int:
+        return int(self.centres.shape[0])
+
+    @torch.no_grad()
+    def set_centres(
+        self,
+        centres: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int | None = None,
+        *,
+        train_neighbours: bool = True,
+    ) -> None:
+        """Store the centres (embeddings of the labelled images) and their labels.
+
+        Called before training and at every refresh. When the number of centres is
+        unchanged the kernel weights are kept (they belong to the images, not to the
+        embeddings); otherwise they are reset to 0, and an optimiser holding the old
+        parameter must be rebuilt. With ``train_neighbours`` the K nearest other
+        centres of every centre are computed here and kept until the next refresh.
+        """
+        if centres.dim() != 2:
+            raise ValueError(f"centres must be (N, D), got shape {tuple(centres.shape)}")
+        if labels.shape != (centres.shape[0],):
+            raise ValueError(f"labels must be ({centres.shape[0]},), got {tuple(labels.shape)}")
+        if centres.shape[0] == 0:
+            raise DataError("the labelled set is empty, so the kernel classifier has no centres; label at least one image per class")
+        if not torch.isfinite(centres).all():
+            raise DataError("some centre embeddings are NaN or infinite; the model diverged: lower the learning rate")
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        if self.num_classes is None:
+            self.num_classes = int(labels.max()) + 1
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            raise DataError(f"centre labels must lie in [0, {self.num_classes}), found {int(labels.min())}..{int(labels.max())}; check --num_classes")
+        self._num_classes_buf.fill_(self.num_classes)
+        centres = centres.detach().float()
+        n = centres.shape[0]
+        if self.log_weights.numel() != n:
+            self.log_weights = nn.Parameter(torch.zeros(n, device=centres.device), requires_grad=self.log_weights.requires_grad)
+        self.centres = centres.clone()
+        self.centre_labels = labels.detach().long().to(centres.device).clone()
+        if train_neighbours:
+            own = torch.arange(n, device=centres.device)
+            self.train_neighbours = knn_search(centres, centres, self.k, exclude=own, backend=self.search_backend).indices
+        else:
+            self.train_neighbours = torch.zeros(0, 0, dtype=torch.long, device=centres.device)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The centre tensors change size with the labelled set: resize before copying.
+        for name in ("centres", "centre_labels", "train_neighbours", "_num_classes_buf"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        key = prefix + "log_weights"
+        if key in state_dict and state_dict[key].shape != self.log_weights.shape:
+            self.log_weights = nn.Parameter(torch.zeros_like(state_dict[key]), requires_grad=self.log_weights.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if int(self._num_classes_buf) > 0:
+            self.num_classes = int(self._num_classes_buf)
+
+    def _require_centres(self) -> None:
+        if self.num_centres == 0:
+            raise RuntimeError("the kernel classifier has no centres yet: call set_centres(embeddings, labels) first")
+
+    # --------------------------------------------------------------- neighbours
+    def neighbours(self, embeddings: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices (B, K) of the K nearest centres of each embedding (a fresh search)."""
+        self._require_centres()
+        return knn_search(embeddings.detach(), self.centres, self.k, exclude=exclude, backend=self.search_backend).indices
+
+    def training_neighbours(self, indices: torch.Tensor) -> torch.Tensor:
+        """The neighbour lists kept since the last refresh for these centre indices."""
+        self._require_centres()
+        if self.train_neighbours.numel() == 0 and effective_k(self.k, self.num_centres, 1) > 0:
+            raise RuntimeError("training neighbour lists were not computed: call set_centres(..., train_neighbours=True)")
+        return self.train_neighbours[indices]
+
+    # ----------------------------------------------------------- probabilities
+    def log_probs(
+        self,
+        embeddings: torch.Tensor,
+        neighbour_indices: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log class probabilities (B, C) of each embedding given its neighbour lists.
+
+        Args:
+            embeddings: (B, D), live (gradients flow into them and the kernel weights).
+            neighbour_indices: (B, K) centre indices.
+            valid: optional (B, K) bool mask; False entries take no part (used to drop
+                duplicates when two neighbour lists are merged).
+        """
+        self._require_centres()
+        b, k = neighbour_indices.shape
+        c = int(self.num_classes)
+        if k == 0:  # no neighbour at all (a single labelled image): uniform
+            return embeddings.new_full((b, c), -math.log(c))
+        f = embeddings.float()
+        sq_dist = self._neighbour_sq_distances(f, neighbour_indices)
+        logits = self.log_weights[neighbour_indices] - sq_dist / (2.0 * self.sigma**2)
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float("-inf"))
+        # Per-class log-sum-exp, each class shifted by its own best neighbour, so a
+        # class far behind the nearest one keeps a finite log-mass (and a gradient)
+        # instead of underflowing to "no mass".
+        labels = self.centre_labels[neighbour_indices]
+        class_max = torch.full((b, c), float("-inf"), dtype=logits.dtype, device=logits.device)
+        class_max = class_max.scatter_reduce(1, labels, logits.detach(), reduce="amax", include_self=True)
+        present = class_max > float("-inf")
+        shift = torch.where(present, class_max, torch.zeros_like(class_max))
+        weights = torch.exp(logits - shift.gather(1, labels))
+        class_mass = torch.zeros_like(class_max).scatter_add(1, labels, weights)
+        class_lse = torch.log(class_mass.clamp_min(torch.finfo(class_mass.dtype).tiny)) + shift
+        total_lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        log_p = torch.where(present, class_lse - total_lse, torch.full_like(class_lse, math.log(self.min_prob)))
+        return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+
+    def _neighbour_sq_distances(self, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """||f_b - c_idx[b, j]||^2 for every row b and neighbour j, without an (N, N) matrix.
+
+        Two exact strategies: gather the (B, K, D) neighbour centres (cheap for few
+        centres per row), or one (B, N) matrix product then a gather (cheap when N is
+        below B x K). The second avoids the memory-bound gather for wide embeddings.
+        """
+        centres = self.centres
+        centre_sq = centres.pow(2).sum(1)
+        f_sq = f.pow(2).sum(1, keepdim=True)
+        b, k = idx.shape
+        if centres.shape[0] <= b * k:
+            dots = (f @ centres.t()).gather(1, idx)
+        else:
+            gathered = centres[idx]  # (B, K, D)
+            dots = torch.bmm(gathered, f.unsqueeze(2)).squeeze(2)
+        return (f_sq + centre_sq[idx] - 2.0 * dots).clamp_min(0.0)
+
+    def predict_log_proba(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Log probabilities (B, C) using the K nearest of all centres (test time)."""
+        return self.log_probs(embeddings, self.neighbours(embeddings))
+
+    @torch.no_grad()
+    def predict(self, embeddings: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Predicted labels (B,), computed in blocks."""
+        out = [self.predict_log_proba(embeddings[i : i + batch_size]).argmax(1) for i in range(0, embeddings.shape[0], batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=embeddings.device)
+
+    # ---------------------------------------------------------------------- loss
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        neighbour_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean negative log-likelihood of the true class (the NNGK loss).
+
+        Args:
+            embeddings: (B, D) live embeddings.
+            labels: (B,) true classes.
+            indices: (B,) the samples' own centre indices: their neighbour lists from
+                the last refresh are used (own centre excluded). Without it, a fresh
+                search among all centres is made (test-time neighbours).
+            neighbour_indices: (B, K) explicit neighbour lists, overriding both.
+        """
+        if neighbour_indices is None:
+            neighbour_indices = self.training_neighbours(indices) if indices is not None else self.neighbours(embeddings)
+        return F.nll_loss(self.log_probs(embeddings, neighbour_indices), labels)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, sigma={self.sigma}, k={self.k}, centres={self.num_centres}"

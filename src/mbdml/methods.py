@@ -1,0 +1,342 @@
+"""The training methods: each turns (model, batch) into a loss.
+
+Notation of SPEC §4: G(f, N) are the NNGK log-probabilities of embedding f with
+neighbour lists N; N_i the training neighbours of the un-mixed sample i; ``s`` =
+``scale_mixup``; ``b`` = ``beta`` (a loss weight, not the Beta distribution).
+
+=========  ==================================================================
+nngk       NLL(G(f(x), N_i), y)
+mixup      s * [lam CE(h(f(x~)), y_i) + (1 - lam) CE(h(f(x~)), y_p(i))]
+mbdml1     b * NNGK loss + s * the Mixup loss            ("NNGK + Mixup")
+mbdml2     s * [lam NLL(G(f(x~), N_i), y_i) + (1 - lam) NLL(G(f(x~), N_i), y_p(i))]
+mbdml3     b * NNGK loss + the MbDML2 term               ("Mixup(NNGK) + NNGK")
+softmax    CE(h(f(x)), y): plain supervised training, a reference point
+=========  ==================================================================
+
+plus the paper's pytorch-metric-learning baselines (contrastive, proxyanchor,
+softtriple, supcon, triplet), trained on the same backbone and evaluated with the
+same (untrained-weight) kernel classifier and k-NN.
+
+A method is an ``nn.Module`` so its own parameters (the mixup head h, the kernel
+weights, a baseline's proxies) are saved and optimised with the model. It needs no
+trainer: ``method(model, images, labels, indices, generator)`` is all one step asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+from .kernel import NNGKClassifier
+from .mixup import MixedBatch, mixed_loss, mixup_batch
+
+MIXUP_HEADS = ("linear", "features")
+MIXED_NEIGHBOURS = ("sample", "union", "search")
+
+
+@dataclass
+class MethodOptions:
+    """Weights and choices shared by the methods (SPEC §3-4)."""
+
+    scale_mixup: float = 1.0  # s
+    beta: float = 1.0  # b, weight of the clean NNGK loss in MbDML1/3
+    alpha: float = 1.0  # Beta(alpha, alpha); 0 turns mixing off
+    mixup_head: str = "linear"  # "linear": h is a linear layer; "features": the authors' raw features as logits
+    mixed_neighbours: str = "sample"  # neighbours of a mixed sample: "sample" (N_i), "union" (N_i u N_p(i)), "search"
+
+    def __post_init__(self) -> None:
+        if self.mixup_head not in MIXUP_HEADS:
+            raise ConfigError(f"unknown mixup head {self.mixup_head!r}; choose one of {', '.join(MIXUP_HEADS)}")
+        if self.mixed_neighbours not in MIXED_NEIGHBOURS:
+            raise ConfigError(f"unknown mixed-sample neighbour rule {self.mixed_neighbours!r}; choose one of {', '.join(MIXED_NEIGHBOURS)}")
+        if self.alpha < 0:
+            raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
+        if self.scale_mixup < 0 or self.beta < 0:
+            raise ConfigError(f"loss weights must be >= 0, got scale_mixup={self.scale_mixup}, beta={self.beta}")
+
+
+@dataclass
+class LossOutput:
+    """A step's loss, its named parts (detached scalars, for logging) and training predictions."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+EmbeddingModel = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Method(nn.Module):
+    """Base class: owns the kernel classifier (used by every method for evaluation)."""
+
+    name: ClassVar[str] = ""
+    uses_kernel_loss: ClassVar[bool] = False  # kernel weights are trained
+    uses_mixup: ClassVar[bool] = False
+    needs_clean_pass: ClassVar[bool] = True
+
+    def __init__(self, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.embedding_dim = embedding_dim
+        self.num_classes = num_classes
+        self.options = options or MethodOptions()
+        if not self.uses_kernel_loss:
+            kernel.log_weights.requires_grad_(False)
+
+    def forward(
+        self,
+        model: EmbeddingModel,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """The loss of one batch. ``indices`` are the samples' centre indices."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _embed(self, model: EmbeddingModel, images: torch.Tensor, mixed: MixedBatch | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Clean and mixed embeddings, in one forward pass when both are needed."""
+        if mixed is None:
+            return model(images), None
+        if not self.needs_clean_pass:
+            return None, model(mixed.inputs)
+        both = model(torch.cat([images, mixed.inputs]))
+        return both[: images.shape[0]], both[images.shape[0] :]
+
+    def _nngk_clean(self, f: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p = self.kernel.log_probs(f, self.kernel.training_neighbours(indices))
+        return F.nll_loss(log_p, labels), log_p.detach().argmax(1)
+
+    def _mixed_neighbour_lists(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Neighbour lists (and a validity mask) for the mixed samples."""
+        rule = self.options.mixed_neighbours
+        own_a = indices
+        own_b = indices[mixed.permutation]
+        if rule == "sample":  # the authors' choice: sample i's list
+            return self.kernel.training_neighbours(own_a), None
+        if rule == "search":  # a fresh search, both source images' centres excluded
+            exclude = torch.stack([own_a, own_b], 1)
+            return self.kernel.neighbours(f_mixed, exclude=exclude), None
+        # union of both lists, duplicates and both own centres dropped
+        merged = torch.cat([self.kernel.training_neighbours(own_a), self.kernel.training_neighbours(own_b)], 1)
+        merged, _ = merged.sort(dim=1)
+        valid = torch.ones_like(merged, dtype=torch.bool)
+        valid[:, 1:] = merged[:, 1:] != merged[:, :-1]
+        valid &= (merged != own_a.unsqueeze(1)) & (merged != own_b.unsqueeze(1))
+        return merged, valid
+
+    def _mixed_nngk(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        nbrs, valid = self._mixed_neighbour_lists(f_mixed, indices, mixed)
+        log_p = self.kernel.log_probs(f_mixed, nbrs, valid)
+        return mixed_loss(F.nll_loss, log_p, mixed.labels_a, mixed.labels_b, mixed.lam), log_p.detach().argmax(1)
+
+
+def _dominant_labels(mixed: MixedBatch) -> torch.Tensor:
+    return mixed.labels_a if mixed.lam >= 0.5 else mixed.labels_b
+
+
+class _HeadMixin:
+    """The mixup classifier h: a linear layer, or the authors' raw features as logits."""
+
+    def _make_head(self, embedding_dim: int, num_classes: int, kind: str) -> nn.Module:
+        if kind == "features":
+            if embedding_dim < num_classes:
+                raise ConfigError(
+                    f"--mixup_head features uses the {embedding_dim}-d embedding as logits, which needs at least "
+                    f"{num_classes} dimensions (one per class); use --mixup_head linear or a larger --embedding_dim"
+                )
+            return nn.Identity()
+        return nn.Linear(embedding_dim, num_classes)
+
+
+class NNGKMethod(Method):
+    """NNGK alone: NLL of the true class under the kernel classifier."""
+
+    name = "nngk"
+    uses_kernel_loss = True
+
+    def forward(self, model, images, labels, indices, generator=None):
+        f = model(images)
+        loss, pred = self._nngk_clean(f, labels, indices)
+        return LossOutput(loss, {"nngk": loss.detach()}, pred, labels)
+
+
+class SoftmaxMethod(_HeadMixin, Method):
+    """Plain cross-entropy through a linear head: the supervised reference."""
+
+    name = "softmax"
+
+    def __init__(self, kernel, embedding_dim, num_classes, options=None):
+        super().__init__(kernel, embedding_dim, num_classes, options)
+        self.head = self._make_head(embedding_dim, num_classes, self.options.mixup_head)
+
+    def forward(self, model, images, labels, indices, generator=None):
+        logits = self.head(model(images))
+        loss = F.cross_entropy(logits, labels)
+        return LossOutput(loss, {"ce": loss.detach()}, logits.detach().argmax(1), labels)
+
+
+class MixupMethod(_HeadMixin, Method):
+    """Mixup with a classifier head, evaluated with the kernel classifier."""
+
+    name = "mixup"
+    uses_mixup = True
+    needs_clean_pass = False
+
+    def __init__(self, kernel, embedding_dim, num_classes, options=None):
+        super().__init__(kernel, embedding_dim, num_classes, options)
+        self.head = self._make_head(embedding_dim, num_classes, self.options.mixup_head)
+
+    def _mixup_ce(self, f_mixed: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(f_mixed)
+        return mixed_loss(F.cross_entropy, logits, mixed.labels_a, mixed.labels_b, mixed.lam), logits.detach().argmax(1)
+
+    def forward(self, model, images, labels, indices, generator=None):
+        mixed = mixup_batch(images, labels, self.options.alpha, generator)
+        _, f_mixed = self._embed(model, images, mixed)
+        ce, pred = self._mixup_ce(f_mixed, mixed)
+        loss = self.options.scale_mixup * ce
+        return LossOutput(loss, {"mixup_ce": ce.detach(), "lam": mixed.lam}, pred, _dominant_labels(mixed))
+
+
+class MbDML1(MixupMethod):
+    """NNGK + Mixup: b * NNGK(clean) + s * mixup cross-entropy."""
+
+    name = "mbdml1"
+    uses_kernel_loss = True
+    needs_clean_pass = True
+
+    def forward(self, model, images, labels, indices, generator=None):
+        mixed = mixup_batch(images, labels, self.options.alpha, generator)
+        f, f_mixed = self._embed(model, images, mixed)
+        nngk, pred = self._nngk_clean(f, labels, indices)
+        ce, _ = self._mixup_ce(f_mixed, mixed)
+        loss = self.options.beta * nngk + self.options.scale_mixup * ce
+        return LossOutput(loss, {"nngk": nngk.detach(), "mixup_ce": ce.detach(), "lam": mixed.lam}, pred, labels)
+
+
+class MbDML2(Method):
+    """Mixup(NNGK): the kernel classifier's NLL on mixed samples, lambda-weighted."""
+
+    name = "mbdml2"
+    uses_kernel_loss = True
+    uses_mixup = True
+    needs_clean_pass = False
+
+    def forward(self, model, images, labels, indices, generator=None):
+        mixed = mixup_batch(images, labels, self.options.alpha, generator)
+        _, f_mixed = self._embed(model, images, mixed)
+        term, pred = self._mixed_nngk(f_mixed, indices, mixed)
+        loss = self.options.scale_mixup * term
+        return LossOutput(loss, {"mixup_nngk": term.detach(), "lam": mixed.lam}, pred, _dominant_labels(mixed))
+
+
+class MbDML3(Method):
+    """Mixup(NNGK) + NNGK: b * NNGK(clean) + s * the MbDML2 term."""
+
+    name = "mbdml3"
+    uses_kernel_loss = True
+    uses_mixup = True
+
+    def forward(self, model, images, labels, indices, generator=None):
+        mixed = mixup_batch(images, labels, self.options.alpha, generator)
+        f, f_mixed = self._embed(model, images, mixed)
+        nngk, pred = self._nngk_clean(f, labels, indices)
+        term, _ = self._mixed_nngk(f_mixed, indices, mixed)
+        loss = self.options.beta * nngk + self.options.scale_mixup * term
+        return LossOutput(loss, {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "lam": mixed.lam}, pred, labels)
+
+
+class MetricLearningBaseline(Method):
+    """A pytorch-metric-learning loss on the embeddings (the paper's baselines)."""
+
+    def __init__(self, kernel, embedding_dim, num_classes, options=None):
+        super().__init__(kernel, embedding_dim, num_classes, options)
+        self.loss_fn = self.make_loss(embedding_dim, num_classes)
+
+    def make_loss(self, embedding_dim: int, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, model, images, labels, indices, generator=None):
+        f = model(images)
+        loss = self.loss_fn(f, labels)
+        return LossOutput(loss, {self.name: loss.detach()})
+
+
+def _pml_losses():
+    try:
+        from pytorch_metric_learning import losses
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise ConfigError("the baseline losses need pytorch-metric-learning: pip install pytorch-metric-learning") from exc
+    return losses
+
+
+class ContrastiveBaseline(MetricLearningBaseline):
+    name = "contrastive"
+
+    def make_loss(self, embedding_dim, num_classes):
+        return _pml_losses().ContrastiveLoss(pos_margin=0.0, neg_margin=1.0)
+
+
+class ProxyAnchorBaseline(MetricLearningBaseline):
+    name = "proxyanchor"
+
+    def make_loss(self, embedding_dim, num_classes):
+        return _pml_losses().ProxyAnchorLoss(num_classes, embedding_dim, margin=0.1, alpha=32)
+
+
+class SoftTripleBaseline(MetricLearningBaseline):
+    name = "softtriple"
+
+    def make_loss(self, embedding_dim, num_classes):
+        return _pml_losses().SoftTripleLoss(num_classes, embedding_dim, centers_per_class=10, la=20, gamma=0.1, margin=0.01)
+
+
+class SupConBaseline(MetricLearningBaseline):
+    name = "supcon"
+
+    def make_loss(self, embedding_dim, num_classes):
+        return _pml_losses().SupConLoss(temperature=0.1)
+
+
+class TripletBaseline(MetricLearningBaseline):
+    name = "triplet"
+
+    def make_loss(self, embedding_dim, num_classes):
+        return _pml_losses().TripletMarginLoss(margin=0.1)
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (
+        NNGKMethod,
+        MixupMethod,
+        MbDML1,
+        MbDML2,
+        MbDML3,
+        SoftmaxMethod,
+        ContrastiveBaseline,
+        ProxyAnchorBaseline,
+        SoftTripleBaseline,
+        SupConBaseline,
+        TripletBaseline,
+    )
+}
+PAPER_METHODS = ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")
+BASELINES = ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")
+
+
+def build_method(name: str, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> Method:
+    """A method by its registry name (case-insensitive)."""
+    key = name.lower()
+    if key not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[key](kernel, embedding_dim, num_classes, options)

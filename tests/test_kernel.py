@@ -1,0 +1,142 @@
+"""The NNGK classifier against a plain per-sample loop written from SPEC.md §2."""
+
+import math
+
+import pytest
+import torch
+
+from mbdml.errors import ConfigError, DataError
+from mbdml.kernel import NNGKClassifier
+
+from spec_reference import spec_loop_probs, spec_nearest
+
+
+@pytest.fixture
+def setup():
+    g = torch.Generator().manual_seed(0)
+    n, d, c = 60, 8, 4
+    centres = torch.randn(n, d, generator=g) * 3
+    labels = torch.arange(n) % c
+    kernel = NNGKClassifier(num_classes=c, sigma=2.0, k=15)
+    kernel.set_centres(centres, labels)
+    with torch.no_grad():
+        kernel.log_weights.copy_(torch.randn(n, generator=g) * 0.3)
+    return kernel, centres, labels, g
+
+
+def test_training_neighbours_exclude_own_centre(setup):
+    kernel, centres, labels, _ = setup
+    own = torch.arange(centres.shape[0])
+    expected = spec_nearest(centres, centres, kernel.k, exclude=own)
+    assert torch.equal(kernel.train_neighbours, expected)
+    assert not (kernel.train_neighbours == own.unsqueeze(1)).any()
+
+
+def test_log_probs_match_plain_loop(setup):
+    kernel, centres, labels, g = setup
+    f = (centres[:10] + 0.5 * torch.randn(10, centres.shape[1], generator=g)).requires_grad_()
+    nbrs = kernel.training_neighbours(torch.arange(10))
+    ours = kernel.log_probs(f, nbrs).exp()
+    ref = spec_loop_probs(f.double(), centres.double(), labels, kernel.log_weights.double(), nbrs, kernel.sigma, 4)
+    assert torch.allclose(ours.double(), ref, atol=1e-6)
+    # Gradients reach the embeddings and the kernel weights, the same as the loop's.
+    y = labels[:10]
+    loss = kernel(f, y, torch.arange(10))
+    g_f, g_w = torch.autograd.grad(loss, [f, kernel.log_weights])
+    f2 = f.detach().double().requires_grad_()
+    w2 = kernel.log_weights.detach().double().requires_grad_()
+    ref2 = spec_loop_probs(f2, centres.double(), labels, w2, nbrs, kernel.sigma, 4)
+    ref_loss = -torch.log(ref2[torch.arange(10), y]).mean()
+    r_f, r_w = torch.autograd.grad(ref_loss, [f2, w2])
+    assert torch.allclose(loss.double(), ref_loss, atol=1e-6)
+    assert torch.allclose(g_f.double(), r_f, atol=1e-6)
+    assert torch.allclose(g_w.double(), r_w, atol=1e-6)
+    assert kernel.centres.grad is None
+
+
+def test_missing_class_gets_min_prob_then_renormalised(setup):
+    kernel, centres, labels, _ = setup
+    # Neighbour list drawn only from classes 0 and 1: classes 2 and 3 get 1e-10.
+    nbrs = torch.tensor([[0, 1, 4, 5]])
+    p = kernel.log_probs(centres[:1], nbrs).exp()[0].detach()
+    assert float(p[2]) == pytest.approx(1e-10 / (1 + 2e-10), rel=1e-4)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_predict_uses_all_centres_and_matches_loop(setup):
+    kernel, centres, labels, g = setup
+    q = torch.randn(25, centres.shape[1], generator=g) * 3
+    nbrs = spec_nearest(q, centres, kernel.k)
+    ref = spec_loop_probs(q.double(), centres.double(), labels, kernel.log_weights.double(), nbrs, kernel.sigma, 4)
+    assert torch.equal(kernel.predict(q), ref.argmax(1))
+
+
+def test_log_space_learns_where_authors_formula_underflows():
+    """Far-apart 2048-d features: exp(-d / 2 sigma^2) is 0 in float32 for every centre."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 2048
+    labels = torch.arange(n) % 2
+    centres = torch.randn(n, d, generator=g) * 30 + labels.unsqueeze(1) * 0.5
+    kernel = NNGKClassifier(num_classes=2, sigma=10.0, k=10)
+    kernel.set_centres(centres, labels)
+    f = centres[:8].clone().requires_grad_()
+    nbrs = kernel.training_neighbours(torch.arange(8))
+    # The authors' linear-space formula: every kernel value underflows, the loss is flat.
+    dist = ((f.unsqueeze(1) - centres[nbrs]) ** 2).sum(2)
+    assert (torch.exp(-dist / (2 * 10.0**2)) == 0).all()
+    ref = spec_loop_probs(f, centres, labels, kernel.log_weights, nbrs, 10.0, 2)
+    assert torch.allclose(ref, torch.full_like(ref, 0.5))
+    # Ours: finite, non-uniform, with a useful gradient; a few steps lower the loss.
+    loss0 = kernel(f, labels[:8], torch.arange(8))
+    assert torch.isfinite(loss0)
+    (grad,) = torch.autograd.grad(loss0, f)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    opt = torch.optim.SGD([f], lr=5.0)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = kernel(f, labels[:8], torch.arange(8))
+        loss.backward()
+        opt.step()
+    assert loss.item() < loss0.item() - 0.05
+
+
+def test_tiny_labelled_set_never_sees_itself():
+    centres = torch.tensor([[0.0], [1.0], [5.0]])
+    kernel = NNGKClassifier(num_classes=2, sigma=1.0, k=200)
+    kernel.set_centres(centres, torch.tensor([0, 0, 1]))
+    assert kernel.train_neighbours.shape == (3, 2)
+    for i in range(3):
+        assert i not in kernel.train_neighbours[i].tolist()
+    # A single centre: no neighbours at all, a uniform prediction rather than a crash.
+    k1 = NNGKClassifier(num_classes=2, sigma=1.0, k=5)
+    k1.set_centres(torch.zeros(1, 3), torch.tensor([0]))
+    lp = k1.log_probs(torch.zeros(1, 3), k1.training_neighbours(torch.tensor([0])))
+    assert torch.allclose(lp.exp(), torch.tensor([[0.5, 0.5]]))
+
+
+def test_weights_kept_across_refresh_and_state_dict_roundtrip(setup):
+    kernel, centres, labels, _ = setup
+    w = kernel.log_weights.detach().clone()
+    kernel.set_centres(centres + 0.1, labels)
+    assert torch.equal(kernel.log_weights.detach(), w)
+    fresh = NNGKClassifier(sigma=2.0, k=15)
+    fresh.load_state_dict(kernel.state_dict())
+    assert fresh.num_classes == 4
+    assert torch.equal(fresh.centres, kernel.centres)
+    assert torch.equal(fresh.train_neighbours, kernel.train_neighbours)
+    q = torch.randn(5, centres.shape[1])
+    assert torch.equal(fresh.predict(q), kernel.predict(q))
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError, match="sigma"):
+        NNGKClassifier(sigma=-1)
+    with pytest.raises(ConfigError, match="K"):
+        NNGKClassifier(k=0)
+    k = NNGKClassifier(num_classes=2)
+    with pytest.raises(DataError, match="num_classes"):
+        k.set_centres(torch.zeros(3, 2), torch.tensor([0, 1, 2]))
+    with pytest.raises(DataError, match="NaN"):
+        k.set_centres(torch.full((3, 2), math.nan), torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="set_centres"):
+        NNGKClassifier(num_classes=2).predict(torch.zeros(1, 2))

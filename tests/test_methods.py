@@ -1,0 +1,128 @@
+"""Each method's loss against its formula in SPEC.md §4, and a learning check."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mbdml.errors import ConfigError
+from mbdml.kernel import NNGKClassifier
+from mbdml.methods import BASELINES, METHODS, MethodOptions, build_method
+from mbdml.mixup import mixup_batch
+
+from spec_reference import spec_loop_probs
+
+NUM_CLASSES, DIM = 3, 6
+
+
+def make(name, **opts):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, DIM)
+    x = torch.randn(30, 5, generator=g)
+    y = torch.arange(30) % NUM_CLASSES
+    kernel = NNGKClassifier(num_classes=NUM_CLASSES, sigma=1.0, k=8)
+    with torch.no_grad():
+        kernel.set_centres(model(x), y)
+        kernel.log_weights.normal_(0, 0.2, generator=g)
+    method = build_method(name, kernel, DIM, NUM_CLASSES, MethodOptions(**opts))
+    return method, model, x, y, kernel
+
+
+def nll_spec(f, y, kernel, nbrs):
+    p = spec_loop_probs(f.double(), kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), nbrs, kernel.sigma, NUM_CLASSES)
+    return -torch.log(p[torch.arange(len(y)), y]).mean()
+
+
+def test_nngk_loss_is_spec_nll():
+    method, model, x, y, kernel = make("nngk")
+    idx = torch.arange(10)
+    out = method(model, x[:10], y[:10], idx)
+    ref = nll_spec(model(x[:10]), y[:10], kernel, kernel.train_neighbours[idx])
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mbdml1", "mbdml2", "mbdml3", "mixup"])
+def test_mixup_methods_match_their_formula(name):
+    s, b = 0.7, 1.3
+    method, model, x, y, kernel = make(name, scale_mixup=s, beta=b, alpha=1.0)
+    idx = torch.arange(12)
+    xb, yb = x[:12], y[:12]
+    out = method(model, xb, yb, idx, torch.Generator().manual_seed(3))
+    mixed = mixup_batch(xb, yb, 1.0, torch.Generator().manual_seed(3))  # the same draw
+    lam, p = mixed.lam, mixed.permutation
+    f, fm = model(xb), model(mixed.inputs)
+    nbrs = kernel.train_neighbours[idx]
+    clean = nll_spec(f, yb, kernel, nbrs)
+    mixed_nngk = lam * nll_spec(fm, yb, kernel, nbrs) + (1 - lam) * nll_spec(fm, yb[p], kernel, nbrs)
+    if name in ("mixup", "mbdml1"):
+        logits = method.head(fm)
+        ce = lam * F.cross_entropy(logits, yb) + (1 - lam) * F.cross_entropy(logits, yb[p])
+    expected = {
+        "mixup": s * ce if name == "mixup" else None,
+        "mbdml1": b * clean + s * ce if name == "mbdml1" else None,
+        "mbdml2": s * mixed_nngk,
+        "mbdml3": b * clean + s * mixed_nngk,
+    }[name]
+    assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_alpha_zero_turns_mbdml2_into_scaled_nngk():
+    method, model, x, y, kernel = make("mbdml2", alpha=0.0, scale_mixup=2.0)
+    idx = torch.arange(9)
+    out = method(model, x[:9], y[:9], idx, torch.Generator().manual_seed(0))
+    ref = nll_spec(model(x[:9]), y[:9], kernel, kernel.train_neighbours[idx])
+    assert out.loss.item() == pytest.approx(2.0 * ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["union", "search"])
+def test_mixed_neighbour_rules_never_use_either_source_centre(rule):
+    method, model, x, y, kernel = make("mbdml2", mixed_neighbours=rule)
+    idx = torch.arange(12)
+    mixed = mixup_batch(x[:12], y[:12], 1.0, torch.Generator().manual_seed(1))
+    nbrs, valid = method._mixed_neighbour_lists(model(mixed.inputs), idx, mixed)
+    valid = torch.ones_like(nbrs, dtype=torch.bool) if valid is None else valid
+    for i in range(12):
+        used = nbrs[i][valid[i]].tolist()
+        assert i not in used and int(mixed.permutation[i]) not in used
+        assert len(used) == len(set(used))  # no centre counted twice
+
+
+def test_authors_feature_head_needs_enough_dimensions():
+    kernel = NNGKClassifier(num_classes=10)
+    with pytest.raises(ConfigError, match="mixup_head"):
+        build_method("mbdml1", kernel, 4, 10, MethodOptions(mixup_head="features"))
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_method("arcface", kernel, 4, 10)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_lowers_its_loss(name):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % NUM_CLASSES
+    x = torch.randn(60, 5, generator=g) + 2.0 * F.one_hot(y, 5).float()
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, DIM))
+    kernel = NNGKClassifier(num_classes=NUM_CLASSES, sigma=1.0, k=10)
+    method = build_method(name, kernel, DIM, NUM_CLASSES, MethodOptions(alpha=0.0 if name in BASELINES else 1.0))
+    with torch.no_grad():
+        kernel.set_centres(model(x), y)
+    params = [p for p in list(model.parameters()) + list(method.parameters()) if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+
+    def epoch_loss(step: bool) -> float:
+        gen = torch.Generator().manual_seed(7)
+        total = 0.0
+        for i in range(0, 60, 20):
+            idx = torch.arange(i, i + 20)
+            out = method(model, x[idx], y[idx], idx, gen)
+            total += out.loss.item()
+            if step:
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+        return total
+
+    before = epoch_loss(False)
+    for _ in range(30):
+        epoch_loss(True)
+    assert epoch_loss(False) < before
