@@ -1,0 +1,53 @@
+"""Data: loading real images into memory, labelled-fraction splits, and batches.
+
+Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`), splits are
+seeded and stratified (:mod:`mbdml.data.split`), and batches are cut, augmented
+and normalised on whole tensors (:mod:`mbdml.data.batches`).
+"""
+
+from mbdml.data.batches import PADDING_MODES, Augmentation, Batch, BatchLoader, augment_batch, normalize_batch
+from mbdml.data.sources import (
+    CIFAR10_ARCHIVE_NAME,
+    CIFAR10_SPLITS,
+    DATASET_NAMES,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    ImageSet,
+    find_cifar10_archive,
+    load_cifar_pickle,
+    load_dataset,
+    load_digits_builtin,
+    load_fashion_mnist,
+    load_idx,
+    load_image_folder,
+    resize_images,
+    unpack_cifar10_archive,
+)
+from mbdml.data.split import SPLIT_MODES, check_every_class_labelled, labelled_split, validation_split
+
+__all__ = [
+    "Augmentation",
+    "Batch",
+    "BatchLoader",
+    "CIFAR10_ARCHIVE_NAME",
+    "CIFAR10_SPLITS",
+    "DATASET_NAMES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "ImageSet",
+    "PADDING_MODES",
+    "SPLIT_MODES",
+    "augment_batch",
+    "check_every_class_labelled",
+    "find_cifar10_archive",
+    "labelled_split",
+    "load_cifar_pickle",
+    "load_dataset",
+    "load_digits_builtin",
+    "load_fashion_mnist",
+    "load_idx",
+    "load_image_folder",
+    "normalize_batch",
+    "resize_images",
+    "unpack_cifar10_archive",
+]

