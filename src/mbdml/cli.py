@@ -46,6 +46,13 @@ def optional_int(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
 
 
+def optional_float(text: str) -> float | None:
+    """A number, or 'none'."""
+    if str(text).strip().lower() in ("none", "null"):
+        return None
+    return finite_float(text)
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -97,13 +104,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize_embeddings", type=str2bool, default=S, help="L2-normalise the embeddings (True/False)")
     g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
     g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
+    g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
     g.add_argument("--channels_last", type=str2bool, default=S, help="channels-last memory format (faster on CPUs)")
 
     g = p.add_argument_group("kernel classifier")
-    g.add_argument("--sigma", type=finite_float, default=S, help="kernel width (default 10)")
+    g.add_argument("--sigma", type=finite_float, default=S, help="kernel width (default 0.3 for unit-length embeddings; the paper preset: 10)")
     g.add_argument("--k", "--K", dest="k", type=int, default=S, help="number of nearest centres (default 200)")
     g.add_argument("--update_interval", type=int, default=S, help="epochs between centre refreshes")
     g.add_argument("--learn_kernel_weights", type=str2bool, default=S, help="train the per-centre weights (default True)")
+    g.add_argument("--centre_momentum", type=optional_float, default=S, help="none (centres change only at a refresh, the paper) or m in [0,1): move each centre to its latest embedding after every step")
     g.add_argument("--search", choices=SEARCH_BACKENDS, default=S, help="neighbour search backend (default torch)")
 
     g = p.add_argument_group("mixup")

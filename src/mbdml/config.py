@@ -54,12 +54,13 @@ class RunConfig:
     model: str = "resnet_small"
     width: int = 32
     embedding_dim: int | None = 128  # None: the backbone's raw features (the paper: 2048)
-    normalize_embeddings: bool = False
+    normalize_embeddings: bool = True  # ours: unit-length embeddings, so sigma is a fixed temperature
     pretrained: str | None = None
     freeze_bn: bool = False
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
     channels_last: bool = True
     # kernel classifier
-    sigma: float = 10.0
+    sigma: float = 0.3  # ours, for unit-length embeddings; the paper's 10 suits raw 2048-d features
     k: int = 200
     update_interval: int = 2
     learn_kernel_weights: bool = True
@@ -70,6 +71,7 @@ class RunConfig:
     beta: float = 1.0
     mixup_head: str = "linear"
     mixed_neighbours: str = "sample"
+    centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
     learning_rate: float = 1e-3
@@ -250,7 +252,9 @@ def preset_values(preset: str) -> dict[str, Any]:
             "preset": "paper",
             "model": "resnet50",
             "embedding_dim": None,
+            "normalize_embeddings": False,
             "freeze_bn": True,
+            "recalibrate_bn": False,
             "channels_last": False,
             "sigma": 10.0,
             "k": 200,

@@ -111,6 +111,7 @@ class NNGKClassifier(nn.Module):
         if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
             raise DataError(f"centre labels must lie in [0, {self.num_classes}), found {int(labels.min())}..{int(labels.max())}; check --num_classes")
         self._num_classes_buf.fill_(self.num_classes)
+        self._pending = None  # superseded by the new centres
         centres = centres.detach().float()
         n = centres.shape[0]
         if self.log_weights.numel() != n:
@@ -122,6 +123,30 @@ class NNGKClassifier(nn.Module):
             self.train_neighbours = knn_search(centres, centres, self.k, exclude=own, backend=self.search_backend).indices
         else:
             self.train_neighbours = torch.zeros(0, 0, dtype=torch.long, device=centres.device)
+
+    def update_centres(self, indices: torch.Tensor, embeddings: torch.Tensor, momentum: float = 0.0) -> None:
+        """Move the centres of these images towards their latest embeddings (a memory bank).
+
+        c_i <- m c_i + (1 - m) f_i. Between refreshes the centres then follow the network
+        instead of staying where the last refresh put them; the neighbour lists are kept.
+        The write is applied just before the centres are next read, so that it never
+        changes a tensor the current backward pass still needs.
+        """
+        self._flush_pending()
+        self._pending = (indices.detach(), embeddings.detach().to(self.centres.dtype), float(momentum))
+
+    @torch.no_grad()
+    def _flush_pending(self) -> None:
+        pending = getattr(self, "_pending", None)
+        if pending is None:
+            return
+        self._pending = None
+        indices, f, m = pending
+        self.centres[indices] = f if m == 0.0 else m * self.centres[indices] + (1.0 - m) * f
+
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._flush_pending()
+        super()._save_to_state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The centre tensors change size with the labelled set: resize before copying.
@@ -137,6 +162,7 @@ class NNGKClassifier(nn.Module):
             self.num_classes = int(self._num_classes_buf)
 
     def _require_centres(self) -> None:
+        self._flush_pending()
         if self.num_centres == 0:
             raise RuntimeError("the kernel classifier has no centres yet: call set_centres(embeddings, labels) first")
 

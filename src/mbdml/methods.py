@@ -48,6 +48,7 @@ class MethodOptions:
     alpha: float = 1.0  # Beta(alpha, alpha); 0 turns mixing off
     mixup_head: str = "linear"  # "linear": h is a linear layer; "features": the authors' raw features as logits
     mixed_neighbours: str = "sample"  # neighbours of a mixed sample: "sample" (N_i), "union" (N_i u N_p(i)), "search"
+    centre_momentum: float | None = None  # None: centres only change at refresh (SPEC); m: c_i <- m c_i + (1 - m) f_i after each step
 
     def __post_init__(self) -> None:
         if self.mixup_head not in MIXUP_HEADS:
@@ -56,6 +57,8 @@ class MethodOptions:
             raise ConfigError(f"unknown mixed-sample neighbour rule {self.mixed_neighbours!r}; choose one of {', '.join(MIXED_NEIGHBOURS)}")
         if self.alpha < 0:
             raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
+        if self.centre_momentum is not None and not 0 <= self.centre_momentum < 1:
+            raise ConfigError(f"centre_momentum must be in [0, 1) (or none), got {self.centre_momentum}")
         if self.scale_mixup < 0 or self.beta < 0:
             raise ConfigError(f"loss weights must be >= 0, got scale_mixup={self.scale_mixup}, beta={self.beta}")
 
@@ -113,6 +116,8 @@ class Method(nn.Module):
 
     def _nngk_clean(self, f: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_p = self.kernel.log_probs(f, self.kernel.training_neighbours(indices))
+        if self.training and self.options.centre_momentum is not None:
+            self.kernel.update_centres(indices, f.detach(), self.options.centre_momentum)
         return F.nll_loss(log_p, labels), log_p.detach().argmax(1)
 
     def _mixed_neighbour_lists(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -38,7 +38,7 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import compute_embeddings, evaluate_embeddings
 from .kernel import NNGKClassifier
 from .methods import Method, MethodOptions, build_method
-from .models import EmbeddingNet, build_model, set_batchnorm_eval
+from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
 
 log = logging.getLogger("mbdml")
 
@@ -248,6 +248,7 @@ class Trainer:
             alpha=cfg.alpha,
             mixup_head=cfg.mixup_head,
             mixed_neighbours=cfg.mixed_neighbours,
+            centre_momentum=cfg.centre_momentum,
         )
         self.method: Method = build_method(cfg.method, self.kernel, self.model.embedding_dim, len(data.classes), options).to(self.device)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
@@ -289,9 +290,28 @@ class Trainer:
             channels_last=self.cfg.channels_last,
         )
 
+    def _recalibrate_bn(self) -> None:
+        from .data.batches import normalize_batch
+
+        cfg, images = self.cfg, self.data.train.images
+        bs = max(256, cfg.batch_size)
+
+        def batches():
+            for i in range(0, images.shape[0], bs):
+                x = normalize_batch(images[i : i + bs].to(self.device), cfg.mean, cfg.std)
+                yield x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+        recalibrate_batchnorm(self.model, batches())
+
     def refresh_centres(self) -> float:
-        """Recompute every centre and the training neighbour lists; returns seconds."""
+        """Recompute every centre and the training neighbour lists; returns seconds.
+
+        With ``recalibrate_bn`` (ours) BatchNorm statistics are first re-estimated on the
+        labelled images, so the eval-mode centres match the train-mode embeddings.
+        """
         t0 = time.perf_counter()
+        if self.cfg.recalibrate_bn and not self.cfg.freeze_bn:
+            self._recalibrate_bn()
         with torch.no_grad():
             centres = self._embed(self.data.train.images)
             self.kernel.set_centres(centres, self.data.train.labels.to(self.device), len(self.data.classes))
@@ -323,7 +343,7 @@ class Trainer:
             out = self.method(self.model, batch.images, batch.labels, batch.indices, self.mix_gen)
             if not torch.isfinite(out.loss):
                 raise TrainingError(
-                    f"the loss became {float(out.loss)} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
+                    f"the loss became {out.loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
                     f"(end of epoch {epoch}) is kept in {self.run_dir / 'last.pt'}. Lower --learning_rate, or raise --sigma"
                 )
             self.optimizer.zero_grad(set_to_none=True)
@@ -577,7 +597,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     in_channels = _in_channels(state["model"])
     model = build_model(cfg.model, in_channels=in_channels, embedding_dim=cfg.embedding_dim, pretrained=None, width=cfg.width, normalize=cfg.normalize_embeddings)
     kernel = NNGKClassifier(num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, search_backend=cfg.search)
-    options = MethodOptions(scale_mixup=float(cfg.scale_mixup), beta=cfg.beta, alpha=cfg.alpha, mixup_head=cfg.mixup_head, mixed_neighbours=cfg.mixed_neighbours)
+    options = MethodOptions(scale_mixup=float(cfg.scale_mixup), beta=cfg.beta, alpha=cfg.alpha, mixup_head=cfg.mixup_head, mixed_neighbours=cfg.mixed_neighbours, centre_momentum=cfg.centre_momentum)
     method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
     try:
         model.load_state_dict(state["model"])

@@ -1,7 +1,7 @@
 """Embedding networks: trunks (ResNets, EfficientNet-Lite0) and the embedding wrapper."""
 
 from mbdml.models.efficientnet import EfficientNetLite, efficientnet_lite0, lite0_checkpoint_path
-from mbdml.models.embedding import MODEL_NAMES, EmbeddingNet, build_model, set_batchnorm_eval
+from mbdml.models.embedding import MODEL_NAMES, EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
 from mbdml.models.resnet import (
     ResNet,
     SmallResNet,
@@ -24,5 +24,6 @@ __all__ = [
     "load_pretrained",
     "resnet18",
     "resnet50",
+    "recalibrate_batchnorm",
     "set_batchnorm_eval",
 ]

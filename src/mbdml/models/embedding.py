@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -12,7 +13,7 @@ from mbdml.errors import ConfigError
 from mbdml.models.efficientnet import efficientnet_lite0
 from mbdml.models.resnet import SmallResNet, _check_positive_int, resnet18, resnet50
 
-__all__ = ["EmbeddingNet", "build_model", "set_batchnorm_eval", "MODEL_NAMES"]
+__all__ = ["EmbeddingNet", "build_model", "set_batchnorm_eval", "recalibrate_batchnorm", "MODEL_NAMES"]
 
 MODEL_NAMES: tuple[str, ...] = ("resnet_small", "resnet18", "resnet50", "efficientnet_lite0")
 
@@ -114,3 +115,30 @@ def set_batchnorm_eval(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
     return model
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> bool:
+    """Recompute every BatchNorm's running statistics exactly, over ``batches``.
+
+    While a network trains, BatchNorm's running averages lag behind its weights, so the
+    eval-mode embeddings (the kernel classifier's centres, the test queries) drift away
+    from the train-mode embeddings that the loss sees. Re-estimating the statistics as
+    plain averages over the labelled images, right before the centres are computed,
+    closes that gap (the 'precise BN' of SWA's ``update_bn``). Returns False when the
+    model has no BatchNorm (nothing done). Leaves the model in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return True

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from mbdml.config import RunConfig, default_scale_mixup, make_config
+from mbdml.errors import ConfigError
+
+
+def test_defaults_resolve_and_roundtrip(tmp_path):
+    cfg = RunConfig().resolved()
+    assert cfg.scale_mixup == 1.0 and cfg.eval_every == cfg.update_interval
+    cfg.save(tmp_path / "c.json")
+    again = RunConfig.load(tmp_path / "c.json")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("sigma", -1.0, "sigma"),
+        ("sigma", 0.0, "sigma"),
+        ("alpha", -0.5, "alpha"),
+        ("learning_rate", -1e-3, "learning_rate"),
+        ("learning_rate", float("nan"), "learning_rate"),
+        ("k", 0, "k must"),
+        ("labelled_fraction", 0.0, "labelled_fraction"),
+        ("labelled_fraction", 1.5, "labelled_fraction"),
+        ("val_fraction", 1.0, "val_fraction"),
+        ("batch_size", 0, "batch_size"),
+        ("method", "arcface", "method"),
+        ("device", "tpu", "device"),
+    ],
+)
+def test_nonsense_values_are_refused_before_any_work(field, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig(**{field: value}).resolved()
+
+
+def test_config_file_is_checked_not_evaluated(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"sigma": "__import__('os').system('touch pwned')"}))
+    with pytest.raises(ConfigError, match="sigma"):
+        RunConfig.load(path)
+    path.write_text(json.dumps({"sigma": 1.0, "evil": 1}))
+    with pytest.raises(ConfigError, match="unknown configuration keys: evil"):
+        RunConfig.load(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.load(path)
+    with pytest.raises(ConfigError, match="whole number"):
+        RunConfig.from_dict({"k": 2.5})
+
+
+def test_paper_preset_is_the_authors_setup():
+    cfg = make_config("paper", method="mbdml3").resolved()
+    assert (cfg.model, cfg.embedding_dim, cfg.freeze_bn, cfg.learning_rate, cfg.batch_size) == ("resnet50", None, True, 1e-5, 32)
+    assert cfg.sigma == 10.0 and cfg.k == 200 and cfg.update_interval == 5 and cfg.mixup_head == "features"
+    assert cfg.scale_mixup == 2.0  # MbDML3's s in the authors' code
+    assert default_scale_mixup("paper", "mbdml2") == 1e-4
+    # An explicit value wins over the preset.
+    assert make_config("paper", learning_rate=3e-4).learning_rate == 3e-4

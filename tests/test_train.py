@@ -1,0 +1,104 @@
+"""The trainer on the built-in digits: outputs, reload, reproducibility, resume, errors."""
+
+import csv
+import json
+import logging
+
+import pytest
+import torch
+
+from mbdml.config import make_config
+from mbdml.errors import DataError, TrainingError
+from mbdml.train import Trainer, load_run, prepare_data, resume, train
+
+
+def small(tmp_path, **kw):
+    values = dict(dataset="digits", model="resnet_small", width=8, embedding_dim=16, max_epochs=3, update_interval=1,
+                  k=20, batch_size=32, sigma=1.0, progress=False, retrieval_metrics=False, save_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    values.update(kw)
+    return make_config(**values)
+
+
+def test_run_writes_its_folder_and_reloads(tmp_path):
+    res = train(small(tmp_path, method="mbdml3", retrieval_metrics=True, name="r"))
+    d = res.run_dir
+    for f in ("config.json", "environment.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "accuracy.png", "train.log"):
+        assert (d / f).is_file(), f
+    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["test_acc"] and r["val_acc"] and r["loss"] for r in rows)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["final"]["epoch"] == 3 and 0 <= summary["final"]["nngk_acc"] <= 1
+    assert summary["final"]["map_at_r"] is not None and summary["final"]["nmi"] is not None
+    assert "test set" in summary["authors_best_on_test"]["note"]
+    # The saved last checkpoint, reloaded, gives back the final test accuracy.
+    run = load_run(d, "last")
+    data = prepare_data(run.config)
+    from mbdml.evaluate import compute_embeddings, nngk_accuracy
+
+    emb = compute_embeddings(run.model, data.test.images, mean=run.config.mean, std=run.config.std)
+    assert nngk_accuracy(run.kernel, emb, data.test.labels) == pytest.approx(summary["final"]["nngk_acc"], abs=1e-6)
+
+
+def test_same_seed_same_metrics_other_seed_other_split(tmp_path):
+    a = train(small(tmp_path, method="mbdml2", max_epochs=2, deterministic=True, name="a")).history
+    b = train(small(tmp_path, method="mbdml2", max_epochs=2, deterministic=True, name="b")).history
+    keys = ("loss", "train_acc", "val_acc", "test_acc")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    d0, d1 = prepare_data(small(tmp_path, seed=0)), prepare_data(small(tmp_path, seed=1))
+    assert not torch.equal(d0.train.images, d1.train.images)
+    assert torch.equal(d0.test.images, d1.test.images)  # the test set never moves
+
+
+class Stop(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    full = train(small(tmp_path, method="mbdml1", max_epochs=4, update_interval=2, eval_every=1, deterministic=True, name="full"))
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    cfg = small(tmp_path, method="mbdml1", max_epochs=4, update_interval=2, eval_every=1, deterministic=True, name="cut")
+    with pytest.raises(Stop):
+        Trainer(cfg, on_epoch_end=stop_after_two).run()
+    resumed = resume(tmp_path / "cut")
+    keys = ("loss", "train_acc", "val_acc", "test_acc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert resumed.summary["final"] == full.summary["final"] | {}
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from mbdml import methods
+
+    calls = {"n": 0}
+    original = methods.NNGKMethod.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 4:  # after the first epoch
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(methods.NNGKMethod, "forward", poisoned)
+    cfg = small(tmp_path, method="nngk", name="nan")
+    with pytest.raises(TrainingError, match="loss became nan.*last good checkpoint"):
+        train(cfg)
+    from mbdml.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "nan" / "last.pt")["epoch"] >= 1
+
+
+def test_num_classes_that_disagrees_with_the_data(tmp_path):
+    with pytest.raises(DataError, match="--num_classes 7 disagrees.*10 classes"):
+        prepare_data(small(tmp_path, num_classes=7))
+
+
+def test_k_larger_than_labelled_set_is_reported_and_capped(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mbdml"):
+        res = train(small(tmp_path, method="nngk", k=5000, max_epochs=1, name="bigk"))
+    assert "K=5000 is not smaller than the" in caplog.text and "--k" in caplog.text
+    assert res.summary["final"]["nngk_acc"] is not None
