@@ -59,3 +59,11 @@ def test_paper_preset_is_the_authors_setup():
     assert default_scale_mixup("paper", "mbdml2") == 1e-4
     # An explicit value wins over the preset.
     assert make_config("paper", learning_rate=3e-4).learning_rate == 3e-4
+
+
+def test_augmentation_defaults_follow_the_images():
+    grey = RunConfig().with_data(channels=1, image_side=8)
+    colour = RunConfig().with_data(channels=3, image_side=32)
+    assert (grey.flip, grey.crop_padding) == (False, 1)
+    assert (colour.flip, colour.crop_padding) == (True, 4)
+    assert RunConfig(flip=True, crop_padding=0).with_data(1, 8).flip is True  # explicit values win

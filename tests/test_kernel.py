@@ -140,3 +140,15 @@ def test_bad_arguments():
         k.set_centres(torch.full((3, 2), math.nan), torch.tensor([0, 1, 1]))
     with pytest.raises(RuntimeError, match="set_centres"):
         NNGKClassifier(num_classes=2).predict(torch.zeros(1, 2))
+
+
+def test_memory_bank_update_is_applied_after_backward(setup):
+    kernel, centres, labels, g = setup
+    f = (centres[:4] + 1.0).requires_grad_()
+    loss = kernel(f, labels[:4], torch.arange(4))
+    kernel.update_centres(torch.arange(4), f.detach(), momentum=0.25)
+    loss.backward()  # the pending write must not break this backward pass
+    assert f.grad is not None
+    expected = 0.25 * centres[:4] + 0.75 * (centres[:4] + 1.0)
+    assert torch.allclose(kernel.state_dict()["centres"][:4], expected)
+    assert torch.allclose(kernel.centres[4:], centres[4:])

@@ -129,8 +129,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=SCHEDULES, default=S)
     g.add_argument("--batch_size", type=int, default=S)
     g.add_argument("--max_epochs", "--epochs", dest="max_epochs", type=int, default=S)
-    g.add_argument("--flip", type=str2bool, default=S, help="random horizontal flips (True/False)")
-    g.add_argument("--crop_padding", type=int, default=S, help="padded random crop, in pixels (0: off)")
+    g.add_argument("--flip", type=str2bool, default=S, help="random horizontal flips (True/False; default: on for colour images only)")
+    g.add_argument("--crop_padding", type=int, default=S, help="padded random crop, in pixels (0: off; default: an eighth of the image side)")
     g.add_argument("--mean", type=float_list, default=S, help="normalisation mean(s), comma-separated (default 0.5)")
     g.add_argument("--std", type=float_list, default=S, help="normalisation std(s), comma-separated (default 0.5)")
 

@@ -80,8 +80,8 @@ class RunConfig:
     schedule: str = "cosine"
     batch_size: int = 64
     max_epochs: int = 30
-    flip: bool = True
-    crop_padding: int = 4
+    flip: bool | None = None  # None: on for colour images, off for grey ones (digits and letters are not mirror-symmetric)
+    crop_padding: int | None = None  # None: an eighth of the image side (4 px at 32 px, 1 px at 8 px)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     # evaluation
@@ -147,7 +147,7 @@ class RunConfig:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
         if self.input_size is not None and self.input_size < 8:
             raise ConfigError(f"input_size must be at least 8 pixels, got {self.input_size}")
-        if self.crop_padding < 0:
+        if self.crop_padding is not None and self.crop_padding < 0:
             raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
@@ -156,6 +156,15 @@ class RunConfig:
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError(f"mean and std must have the same length and std > 0, got mean={self.mean}, std={self.std}")
         return self
+
+    def with_data(self, channels: int, image_side: int) -> "RunConfig":
+        """Fill the values that depend on the images (augmentation left on 'auto')."""
+        cfg = dataclasses.replace(self)
+        if cfg.flip is None:
+            cfg.flip = channels >= 3
+        if cfg.crop_padding is None:
+            cfg.crop_padding = max(1, image_side // 8)
+        return cfg
 
     def resolved(self) -> "RunConfig":
         """Fill the values that depend on others (per-method weights, eval cadence)."""

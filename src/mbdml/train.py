@@ -407,6 +407,7 @@ class Trainer:
         if self.data is None:
             self.data = prepare_data(cfg)
         data = self.data
+        self.cfg = cfg = cfg.with_data(data.train.channels, min(data.train.image_size))
         n_centres = len(data.train)
         if cfg.k >= n_centres:
             log.warning(

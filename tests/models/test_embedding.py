@@ -132,3 +132,23 @@ def test_small_resnet_learns():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_recalibrated_batchnorm_makes_eval_match_train_mode():
+    import torch
+
+    from mbdml.models import build_model, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("resnet_small", in_channels=3, embedding_dim=8, width=8)
+    x = torch.randn(64, 3, 16, 16) * 3 + 1  # far from the initial running statistics
+    model.eval()
+    stale_gap = (model(x) - model.train()(x)).abs().mean()
+    with torch.no_grad():
+        assert recalibrate_batchnorm(model, [x[:32], x[32:]])
+    assert not model.training
+    with torch.no_grad():
+        eval_out = model(x)
+        train_out = model.train()(x)
+    assert (eval_out - train_out).abs().mean() < 0.2 * stale_gap
+    assert not recalibrate_batchnorm(torch.nn.Linear(2, 2), [torch.zeros(1, 2)])
