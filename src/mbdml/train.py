@@ -189,6 +189,22 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     )
 
 
+def build_components(cfg: RunConfig, in_channels: int, num_classes: int, pretrained: str | bool | None = None) -> tuple[EmbeddingNet, NNGKClassifier, Method]:
+    """The embedding model, the kernel classifier and the method a configuration asks for."""
+    model = build_model(cfg.model, in_channels=in_channels, embedding_dim=cfg.embedding_dim, pretrained=pretrained, width=cfg.width, normalize=cfg.normalize_embeddings)
+    kernel = NNGKClassifier(num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, learn_weights=cfg.learn_kernel_weights, search_backend=cfg.search)
+    options = MethodOptions(
+        scale_mixup=float(cfg.scale_mixup if cfg.scale_mixup is not None else 1.0),
+        beta=cfg.beta,
+        alpha=cfg.alpha,
+        mixup_head=cfg.mixup_head,
+        mixed_neighbours=cfg.mixed_neighbours,
+        centre_momentum=cfg.centre_momentum,
+    )
+    method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
+    return model, kernel, method
+
+
 # ----------------------------------------------------------------- the result
 @dataclass
 class RunResult:
@@ -225,32 +241,11 @@ class Trainer:
     def _build(self) -> None:
         cfg, data = self.cfg, self.data
         assert data is not None
-        self.model: EmbeddingNet = build_model(
-            cfg.model,
-            in_channels=data.train.channels,
-            embedding_dim=cfg.embedding_dim,
-            pretrained=cfg.pretrained,
-            width=cfg.width,
-            normalize=cfg.normalize_embeddings,
-        ).to(self.device)
+        self.model, self.kernel, self.method = build_components(cfg, data.train.channels, len(data.classes), pretrained=cfg.pretrained)
+        self.model.to(self.device)
+        self.method.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.kernel = NNGKClassifier(
-            num_classes=len(data.classes),
-            sigma=cfg.sigma,
-            k=cfg.k,
-            learn_weights=cfg.learn_kernel_weights,
-            search_backend=cfg.search,
-        )
-        options = MethodOptions(
-            scale_mixup=float(cfg.scale_mixup),
-            beta=cfg.beta,
-            alpha=cfg.alpha,
-            mixup_head=cfg.mixup_head,
-            mixed_neighbours=cfg.mixed_neighbours,
-            centre_momentum=cfg.centre_momentum,
-        )
-        self.method: Method = build_method(cfg.method, self.kernel, self.model.embedding_dim, len(data.classes), options).to(self.device)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -373,6 +368,7 @@ class Trainer:
             "history": self.history,
             "best": best,
             "centres_fresh": centres_fresh,
+            "classes": list(self.data.classes),
             "config": self.cfg.to_dict(),
         }
 
@@ -478,7 +474,10 @@ class Trainer:
         val_acc = row.get("val_acc")
         if val_acc is not None and val_acc > best.get("val_acc", -1.0):
             best.update(val_acc=val_acc, val_epoch=row["epoch"])
-            save_checkpoint({"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(), "config": self.cfg.to_dict()}, self.run_dir / "best.pt")
+            save_checkpoint(
+                {"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(), "classes": list(self.data.classes), "config": self.cfg.to_dict()},
+                self.run_dir / "best.pt",
+            )
         test_acc = row.get("test_acc")
         if test_acc is not None and test_acc > best.get("test_acc", -1.0):
             best.update(test_acc=test_acc, test_epoch=row["epoch"])
@@ -595,11 +594,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     state = load_checkpoint(path, map_location=device)
     kernel_state = {k[len("kernel."):]: v for k, v in state["method"].items() if k.startswith("kernel.")}
     num_classes = int(kernel_state["_num_classes_buf"])
-    in_channels = _in_channels(state["model"])
-    model = build_model(cfg.model, in_channels=in_channels, embedding_dim=cfg.embedding_dim, pretrained=None, width=cfg.width, normalize=cfg.normalize_embeddings)
-    kernel = NNGKClassifier(num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, search_backend=cfg.search)
-    options = MethodOptions(scale_mixup=float(cfg.scale_mixup), beta=cfg.beta, alpha=cfg.alpha, mixup_head=cfg.mixup_head, mixed_neighbours=cfg.mixed_neighbours, centre_momentum=cfg.centre_momentum)
-    method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
+    model, kernel, method = build_components(cfg, _in_channels(state["model"]), num_classes)
     try:
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
@@ -607,7 +602,8 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
         raise CheckpointError(f"{path} does not match the configuration in {run_dir / 'config.json'} ({str(exc).splitlines()[0]})") from None
     model.to(device).eval()
     method.to(device).eval()
-    return LoadedRun(cfg, model, method, kernel, None, int(state.get("epoch", 0)))
+    classes = state.get("classes")
+    return LoadedRun(cfg, model, method, kernel, list(classes) if classes else None, int(state.get("epoch", 0)))
 
 
 def _in_channels(model_state: dict[str, torch.Tensor]) -> int:
