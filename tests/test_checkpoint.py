@@ -27,7 +27,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     evil.marker = marker
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"model": evil}, f)
+        pickle.dump({"model": evil}, f, protocol=2)
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_checkpoint(path)
     assert not marker.exists()

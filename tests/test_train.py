@@ -102,3 +102,35 @@ def test_k_larger_than_labelled_set_is_reported_and_capped(tmp_path, caplog):
         res = train(small(tmp_path, method="nngk", k=5000, max_epochs=1, name="bigk"))
     assert "K=5000 is not smaller than the" in caplog.text and "--k" in caplog.text
     assert res.summary["final"]["nngk_acc"] is not None
+
+
+def test_unwritable_checkpoint_stops_the_run_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from mbdml import checkpoint
+    from mbdml.errors import CheckpointError
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def fail_on_second_epoch(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2 and "optimizer" in obj:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", fail_on_second_epoch)
+    with pytest.raises(CheckpointError, match="No space left on device.*intact"):
+        train(small(tmp_path, method="nngk", name="full"))
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(tmp_path / "full" / "last.pt")["epoch"] == 1
+    resumed = resume(tmp_path / "full")  # space is back: carry on from epoch 1
+    assert len(resumed.history) == 3
+
+
+def test_saved_configuration_reruns_the_run_exactly(tmp_path):
+    from mbdml.cli import main
+
+    first = train(small(tmp_path, method="mbdml2", max_epochs=2, deterministic=True, name="first"))
+    assert main(["-q", "train", "--config", str(first.run_dir / "config.json"), "--name", "again", "--no-progress"]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["final"] == first.summary["final"]
+    env = json.loads((first.run_dir / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["mbdml"]

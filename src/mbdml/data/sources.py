@@ -385,14 +385,9 @@ def _list_class_folders(root: Path, im_ext: str, classes: list[str] | None) -> t
         except OSError as exc:
             raise DataError(f"cannot list class folder '{folder}' ({exc}); check that it is readable") from exc
         if not found:
-            if others:
-                other = f"; it holds {_describe_extensions(others)} files: pass --im_ext to match them"
-            else:
-                other = "; it is empty"
-            raise DataError(
-                f"class folder '{folder}' holds no '.{im_ext}' images{other}, or add images, "
-                f"or remove the folder"
-            )
+            what = f"it holds {_describe_extensions(others)} files instead" if others else "it is empty"
+            fix = "pass --im_ext to match them, add images, or remove the folder" if others else "add images or remove the folder"
+            raise DataError(f"class folder '{folder}' holds no '.{im_ext}' images ({what}); {fix}")
         found.sort()
         for fname, size, mtime in found:
             files.append((f"{name}/{fname}", index[name], str(folder / fname), size, mtime))
