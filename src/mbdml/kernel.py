@@ -34,6 +34,41 @@ from .errors import ConfigError, DataError
 from .neighbours import effective_k, knn_search
 
 
+class _GatheredDot(torch.autograd.Function):
+    """dots[b, j] = f[b] . centres[idx[b, j]], in cache-sized blocks of rows.
+
+    Autograd would keep the whole (B, K, D) gathered tensor for the backward pass (210 MB
+    at B = 128, K = 200, D = 2048); here each block is gathered, used and dropped, in the
+    forward and again in the backward. No gradient flows to the centres.
+    """
+
+    @staticmethod
+    def _rows_per_block(k: int, d: int) -> int:
+        return max(1, (1 << 20) // max(1, k * d))  # about 4 MB of float32 per block
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centres, idx)
+        b, k = idx.shape
+        step = _GatheredDot._rows_per_block(k, f.shape[1])
+        out = f.new_empty(b, k)
+        for i in range(0, b, step):
+            out[i : i + step] = torch.bmm(centres[idx[i : i + step]], f[i : i + step].unsqueeze(2)).squeeze(2)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        centres, idx = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        b, k = idx.shape
+        step = _GatheredDot._rows_per_block(k, centres.shape[1])
+        grad_f = grad_out.new_empty(b, centres.shape[1])
+        for i in range(0, b, step):
+            grad_f[i : i + step] = torch.bmm(grad_out[i : i + step].unsqueeze(1), centres[idx[i : i + step]]).squeeze(1)
+        return grad_f, None, None
+
+
 class NNGKClassifier(nn.Module):
     """Nearest-neighbour Gaussian kernel classifier: centres, kernel weights, loss.
 
@@ -112,6 +147,7 @@ class NNGKClassifier(nn.Module):
             raise DataError(f"centre labels must lie in [0, {self.num_classes}), found {int(labels.min())}..{int(labels.max())}; check --num_classes")
         self._num_classes_buf.fill_(self.num_classes)
         self._pending = None  # superseded by the new centres
+        self._sq_norms = None
         centres = centres.detach().float()
         n = centres.shape[0]
         if self.log_weights.numel() != n:
@@ -143,6 +179,9 @@ class NNGKClassifier(nn.Module):
         self._pending = None
         indices, f, m = pending
         self.centres[indices] = f if m == 0.0 else m * self.centres[indices] + (1.0 - m) * f
+        if getattr(self, "_sq_norms", None) is not None:
+            self._sq_norms = self._sq_norms.clone()  # the old one may be saved for a backward pass
+            self._sq_norms[indices] = self.centres[indices].pow(2).sum(1)
 
     def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._flush_pending()
@@ -158,6 +197,7 @@ class NNGKClassifier(nn.Module):
         if key in state_dict and state_dict[key].shape != self.log_weights.shape:
             self.log_weights = nn.Parameter(torch.zeros_like(state_dict[key]), requires_grad=self.log_weights.requires_grad)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sq_norms = None
         if int(self._num_classes_buf) > 0:
             self.num_classes = int(self._num_classes_buf)
 
@@ -219,22 +259,30 @@ class NNGKClassifier(nn.Module):
         log_p = torch.where(present, class_lse - total_lse, torch.full_like(class_lse, math.log(self.min_prob)))
         return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
 
+    def _centre_sq_norms(self) -> torch.Tensor:
+        """||c_j||^2 of every centre, cached until the centres change."""
+        cached = getattr(self, "_sq_norms", None)
+        if cached is None or cached.shape[0] != self.centres.shape[0] or cached.device != self.centres.device:
+            cached = self.centres.pow(2).sum(1)
+            self._sq_norms = cached
+        return cached
+
     def _neighbour_sq_distances(self, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """||f_b - c_idx[b, j]||^2 for every row b and neighbour j, without an (N, N) matrix.
 
-        Two exact strategies: gather the (B, K, D) neighbour centres (cheap for few
-        centres per row), or one (B, N) matrix product then a gather (cheap when N is
-        below B x K). The second avoids the memory-bound gather for wide embeddings.
+        Two exact strategies: one (B, N) matrix product then a gather (cheap when N is
+        below B x K), or dot products with the gathered neighbour centres, a few rows at
+        a time so each block stays in cache and no (B, K, D) tensor is kept for the
+        backward pass (it is gathered again there, block by block).
         """
         centres = self.centres
-        centre_sq = centres.pow(2).sum(1)
+        centre_sq = self._centre_sq_norms()
         f_sq = f.pow(2).sum(1, keepdim=True)
         b, k = idx.shape
         if centres.shape[0] <= b * k:
             dots = (f @ centres.t()).gather(1, idx)
         else:
-            gathered = centres[idx]  # (B, K, D)
-            dots = torch.bmm(gathered, f.unsqueeze(2)).squeeze(2)
+            dots = _GatheredDot.apply(f, centres, idx)
         return (f_sq + centre_sq[idx] - 2.0 * dots).clamp_min(0.0)
 
     def predict_log_proba(self, embeddings: torch.Tensor) -> torch.Tensor:
