@@ -70,7 +70,7 @@ def float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     from .config import DEVICES, OPTIMIZERS, PRESETS, SCHEDULES
     from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
     from .models import MODEL_NAMES
@@ -78,15 +78,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
     S = argparse.SUPPRESS  # only flags actually given override the preset
     g = p.add_argument_group("what to train")
-    g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
+    if single_run:
+        g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
     g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly) or 'paper' (the authors' set-up)")
     g.add_argument("--config", metavar="FILE", default=S, help="a config.json of an earlier run to start from (flags override it)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
+    if single_run:
+        g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=S, help="digits (built in), fashion-mnist, cifar10 (the JPEG archive), or a folder (default digits)")
-    g.add_argument("--data_dir", default=S, help="the authors' flag: a folder with one sub-folder of images per class (labelled training images)")
-    g.add_argument("--test", dest="test_dir", default=S, help="the authors' flag: the test folder (one sub-folder per class)")
+    if single_run:
+        g.add_argument("--dataset", default=S, help="digits (built in), fashion-mnist, cifar10 (the JPEG archive), or a folder (default digits)")
+        g.add_argument("--data_dir", default=S, help="the authors' flag: a folder with one sub-folder of images per class (labelled training images)")
+        g.add_argument("--test", dest="test_dir", default=S, help="the authors' flag: the test folder (one sub-folder per class)")
     g.add_argument("--im_ext", default=S, help="image file extension in class folders (default jpg)")
     g.add_argument("--num_classes", type=int, default=S, help="number of classes; checked against the data")
     g.add_argument("--input_size", type=int, default=S, help="resize images to this square size once, when loading")
@@ -94,7 +97,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache_dir", default=S, help="where decoded data sets are cached (default .cache/mbdml)")
     g.add_argument("--labelled_fraction", type=finite_float, default=S, help="fraction of training images that keep their label (default 0.1; 1.0 with --data_dir)")
     g.add_argument("--split", choices=("random", "folds"), default=S, help="labelled subset: a seeded random draw, or disjoint folds")
-    g.add_argument("--run", type=int, default=S, help="run index (the fold used with --split folds)")
+    if single_run:
+        g.add_argument("--run", type=int, default=S, help="run index (the fold used with --split folds)")
     g.add_argument("--val_fraction", type=finite_float, default=S, help="fraction of the labelled images held out for model selection (default 0.1)")
 
     g = p.add_argument_group("model")
@@ -139,9 +143,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--knn_k", type=int, default=S, help="k of the plain k-NN accuracy (default 10)")
     g.add_argument("--retrieval_metrics", type=str2bool, default=S, help="compute precision@1, MAP@R, NMI (default True)")
     g.add_argument("--tsne_graph", type=str2bool, default=S, help="draw t-SNE plots of train and test embeddings (True/False)")
-    g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
-    g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")
-    g.add_argument("--seed", type=int, default=S)
+    if single_run:
+        g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
+        g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")
+    g.add_argument("--seed", type=int, default=S, help="base seed (run r of a comparison uses seed + r)")
     g.add_argument("--device", choices=DEVICES, default=S, help="cpu, cuda, mps or auto (default)")
     g.add_argument("--gpu_id", type=int, default=S, help="the authors' flag: train on cuda:GPU_ID")
     g.add_argument("--deterministic", type=str2bool, default=S, help="deterministic algorithms (slower; exact reruns)")
@@ -157,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one method on a labelled fraction of a data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_train_options(p)
+
+    p = sub.add_parser("compare", help="the paper's protocol: methods x runs x data sets, then one comparison table")
+    g = p.add_argument_group("comparison")
+    g.add_argument("--methods", default="paper", help="comma-separated methods, or 'paper' (the five MbDML-paper methods), 'baselines', 'all' (default paper)")
+    g.add_argument("--datasets", default="digits", help="comma-separated data sets (names or folders; default digits)")
+    g.add_argument("--runs", type=int, default=10, help="runs per method and data set, each on its own seeded split (default 10)")
+    g.add_argument("--results_dir", default="results/compare", help="where runs, tables and plots go (default results/compare)")
+    g.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    _add_train_options(p, single_run=False)
+
+    p = sub.add_parser("report", help="rebuild the comparison tables and plots of a results folder without training")
+    p.add_argument("results_dir")
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
@@ -181,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Preset (or --config file) < explicit flags. Returns a RunConfig, not yet resolved."""
     from .config import RunConfig, make_config
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs")}
     if "gpu_id" in given:
         gpu = given.pop("gpu_id")
         if given.get("device", "cuda") not in ("cuda", "auto"):
@@ -249,6 +266,44 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run folder: {trainer.run_dir}", file=sys.stderr)
         result = trainer.run()
     print(format_summary_table(result.summary))
+    return 0
+
+
+def _method_list(text: str) -> list[str]:
+    from .methods import BASELINES, METHODS, PAPER_METHODS
+
+    groups = {"paper": list(PAPER_METHODS), "baselines": list(BASELINES), "all": list(BASELINES) + list(PAPER_METHODS)}
+    out: list[str] = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        for name in groups.get(item, [item]):
+            if name not in METHODS:
+                raise ConfigError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}, or paper, baselines, all")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiment import compare
+    from .report import report_text
+
+    base = config_from_args(args)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    paths = compare(base, datasets, _method_list(args.methods), runs=args.runs, results_dir=args.results_dir, jobs=args.jobs, progress=getattr(args, "progress", True))
+    print(report_text(args.results_dir))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .experiment import write_outputs
+    from .report import report_text
+
+    paths = write_outputs(args.results_dir)
+    print(report_text(args.results_dir))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -322,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed}[args.command](args)
+        commands = {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed}
+        return commands[args.command](args)
     except MbdmlError as exc:
         print(f"mbdml: error: {exc}", file=sys.stderr)
         return 2

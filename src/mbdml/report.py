@@ -1,0 +1,500 @@
+"""Result tables over many runs: mean ± std per method and data set, as in the paper.
+
+``mbdml compare`` writes one folder per run at
+``RESULTS_DIR/<dataset>/<method>/run<r>/summary.json``. This module reads those
+summaries back (:func:`collect_runs`), averages one metric over the runs of each
+method and data set (:func:`aggregate`, sample standard deviation, as the paper's
+"mean ± std over ten runs") and lays the numbers out like the paper's table
+(:func:`format_table`: plain text, Markdown, LaTeX or CSV). :func:`write_report`
+writes every table to files; :func:`report_text` returns the two text tables for
+the command line to print. :data:`PAPER_TABLE` holds the paper's own numbers, and
+``format_table(paper_cells(), PAPER_DATASETS)`` prints them in the same layout.
+
+Cells are keyed by ``(method, dataset)`` and hold fractions in [0, 1], as the
+summaries do; the tables show them in percent.
+
+This module is a bottom floor: it imports nothing from mbdml but the errors, and
+prints nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mbdml.errors import DataError
+
+__all__ = [
+    "DATASET_NAMES",
+    "METHOD_GROUPS",
+    "METHOD_NAMES",
+    "PAPER_DATASETS",
+    "PAPER_TABLE",
+    "RUNS_CSV_COLUMNS",
+    "SELECTIONS",
+    "STYLES",
+    "Cell",
+    "RunRecord",
+    "aggregate",
+    "collect_runs",
+    "format_table",
+    "paper_cells",
+    "report_text",
+    "write_report",
+]
+
+log = logging.getLogger("mbdml")
+
+METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Baseline losses", ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")),
+    ("Original methods", ("softmax", "mixup", "nngk")),
+    ("MbDML", ("mbdml1", "mbdml2", "mbdml3")),
+)
+OTHER_GROUP = "Other"
+
+METHOD_NAMES: dict[str, str] = {
+    "contrastive": "Contrastive",
+    "proxyanchor": "ProxyAnchor",
+    "softtriple": "SoftTriple",
+    "supcon": "SupCon",
+    "triplet": "Triplet",
+    "softmax": "Softmax",
+    "mixup": "Mixup",
+    "nngk": "NNGK",
+    "mbdml1": "MbDML1",
+    "mbdml2": "MbDML2",
+    "mbdml3": "MbDML3",
+}
+
+DATASET_NAMES: dict[str, str] = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "mnist": "MNIST",
+    "flowers17": "Flowers17",
+    "digits": "Digits",
+    "fashion-mnist": "Fashion-MNIST",
+}
+
+SELECTIONS: tuple[str, ...] = ("final", "best_val", "authors_best_on_test")
+STYLES: tuple[str, ...] = ("text", "markdown", "latex", "csv")
+
+_SELECTION_TITLES = {
+    "final": "final model",
+    "best_val": "model with the best validation accuracy",
+    "authors_best_on_test": "epoch best on the test set (the authors' protocol, optimistic)",
+}
+_METRIC_NAMES = {
+    "nngk_acc": "NNGK accuracy",
+    "knn_acc": "kNN accuracy",
+    "precision_at_1": "Precision@1",
+    "map_at_r": "MAP@R",
+    "nmi": "NMI",
+    "val_acc": "validation accuracy",
+}
+
+# The paper's results: (mean, std) in percent, per method and data set.
+PAPER_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "flowers17")
+PAPER_TABLE: dict[str, dict[str, tuple[float, float]]] = {
+    "contrastive": {"cifar10": (67.02, 1.37), "cifar100": (26.69, 0.53), "mnist": (98.51, 0.27), "flowers17": (46.47, 5.15)},
+    "proxyanchor": {"cifar10": (69.06, 1.08), "cifar100": (24.97, 1.32), "mnist": (98.90, 0.11), "flowers17": (82.57, 2.81)},
+    "softtriple": {"cifar10": (66.14, 0.61), "cifar100": (26.44, 1.41), "mnist": (98.75, 0.11), "flowers17": (64.31, 5.44)},
+    "supcon": {"cifar10": (62.53, 1.37), "cifar100": (10.85, 0.61), "mnist": (98.75, 0.27), "flowers17": (61.81, 9.38)},
+    "triplet": {"cifar10": (62.55, 0.73), "cifar100": (32.70, 6.05), "mnist": (98.57, 0.21), "flowers17": (54.21, 4.96)},
+    "mixup": {"cifar10": (75.20, 8.88), "cifar100": (38.80, 4.66), "mnist": (97.90, 0.32), "flowers17": (58.46, 3.12)},
+    "nngk": {"cifar10": (77.07, 0.34), "cifar100": (38.26, 0.69), "mnist": (97.96, 0.19), "flowers17": (72.42, 3.44)},
+    "mbdml1": {"cifar10": (78.95, 0.32), "cifar100": (46.31, 0.27), "mnist": (98.53, 0.07), "flowers17": (80.60, 1.88)},
+    "mbdml2": {"cifar10": (77.89, 0.40), "cifar100": (49.43, 0.39), "mnist": (97.47, 0.20), "flowers17": (82.62, 1.27)},
+    "mbdml3": {"cifar10": (78.63, 0.46), "cifar100": (47.83, 0.46), "mnist": (98.21, 0.11), "flowers17": (82.36, 1.09)},
+}
+PAPER_RUNS = 10
+
+RUNS_CSV_COLUMNS: tuple[str, ...] = (
+    "dataset",
+    "method",
+    "run",
+    "seed",
+    "epochs",
+    "final_nngk_acc",
+    "final_knn_acc",
+    "final_precision_at_1",
+    "final_map_at_r",
+    "final_nmi",
+    "best_val_epoch",
+    "best_val_nngk_acc",
+    "authors_best_on_test_nngk_acc",
+    "seconds",
+)
+
+_RUN_DIR = re.compile(r"run(\d+)")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class RunRecord:
+    """One run's summary, with the data set and method taken from its folder names."""
+
+    dataset: str
+    method: str
+    run: int
+    summary: dict[str, Any]
+
+
+@dataclass
+class Cell:
+    """One metric over the runs of one method on one data set (fractions in [0, 1])."""
+
+    mean: float
+    std: float
+    n: int
+    values: list[float] = field(default_factory=list)
+
+
+def collect_runs(results_dir: str | Path) -> list[RunRecord]:
+    """Every readable ``<dataset>/<method>/run<r>/summary.json`` under ``results_dir``.
+
+    Unreadable or partial summaries are skipped with a warning on the ``mbdml``
+    logger. Raises :class:`DataError` when the folder is missing or holds no
+    readable summary. Records come sorted by data set, method and run.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(
+            f"results folder {root} {what}; give the folder that `mbdml compare` wrote "
+            "(it holds <dataset>/<method>/run<r>/summary.json)"
+        )
+    records: list[RunRecord] = []
+    found = 0
+    for path in sorted(root.glob("*/*/run*/summary.json")):
+        m = _RUN_DIR.fullmatch(path.parent.name)
+        if m is None or not path.is_file():
+            continue
+        found += 1
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            log.warning("skipping %s: cannot read it (%s); rerun that run to rewrite it", path, e)
+            continue
+        if not isinstance(summary, dict):
+            log.warning("skipping %s: not a JSON object; rerun that run to rewrite it", path)
+            continue
+        records.append(RunRecord(path.parents[2].name, path.parents[1].name, int(m.group(1)), summary))
+    if not records:
+        detail = f"its {found} summary.json files are all unreadable" if found else "it holds no <dataset>/<method>/run<r>/summary.json"
+        raise DataError(
+            f"no run summaries in {root}: {detail}; run `mbdml compare` with this results folder first, "
+            "or give the folder it wrote"
+        )
+    records.sort(key=lambda r: (r.dataset, r.method, r.run))
+    return records
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or None (null, missing, not a number, NaN)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _lookup(summary: Mapping[str, Any], selection: str, metric: str) -> float | None:
+    part = summary.get(selection)
+    if not isinstance(part, Mapping):
+        return None
+    return _number(part.get(metric))
+
+
+def _cell(values: Sequence[float]) -> Cell:
+    vals = list(values)
+    mean = statistics.mean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return Cell(mean, std, len(vals), vals)
+
+
+def aggregate(records: Iterable[RunRecord], selection: str = "final", metric: str = "nngk_acc") -> dict[tuple[str, str], Cell]:
+    """Mean and sample std of ``summary[selection][metric]`` per ``(method, dataset)``.
+
+    Runs whose value is null or missing are left out; a method and data set with
+    no value at all gets no cell. ``selection`` is one of :data:`SELECTIONS`
+    (``"authors_best_on_test"`` only has ``nngk_acc``).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; use one of {', '.join(SELECTIONS)}")
+    groups: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in records:
+        v = _lookup(r.summary, selection, metric)
+        if v is not None:
+            groups.setdefault((r.method, r.dataset), []).append((r.run, v))
+    return {key: _cell([v for _, v in sorted(runs)]) for key, runs in sorted(groups.items())}
+
+
+def paper_cells() -> dict[tuple[str, str], Cell]:
+    """The paper's table as cells (fractions; ``n`` = 10 runs, no per-run values)."""
+    return {
+        (method, ds): Cell(mean / 100.0, std / 100.0, PAPER_RUNS, [])
+        for method, row in PAPER_TABLE.items()
+        for ds, (mean, std) in row.items()
+    }
+
+
+# ----------------------------------------------------------------------------- tables
+
+_Cells = Mapping[tuple[str, str], Cell]
+_Layout = list[tuple[str, list[str]]]
+
+
+def _method_group(method: str) -> str:
+    for group, methods in METHOD_GROUPS:
+        if method in methods:
+            return group
+    return OTHER_GROUP
+
+
+def _layout(methods: Iterable[str]) -> list[tuple[str, list[str]]]:
+    """``methods`` grouped as in :data:`METHOD_GROUPS`, unknown ones in "Other" (sorted)."""
+    present = set(methods)
+    out = [(g, [m for m in ms if m in present]) for g, ms in METHOD_GROUPS]
+    known = {m for _, ms in METHOD_GROUPS for m in ms}
+    out.append((OTHER_GROUP, sorted(present - known)))
+    return [(g, ms) for g, ms in out if ms]
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.2f}"
+
+
+def _datasets(cells: Mapping[tuple[str, str], Cell], datasets: Sequence[str] | None) -> list[str]:
+    if datasets is None:
+        return sorted({ds for _, ds in cells})
+    return list(dict.fromkeys(datasets))
+
+
+def _best(cells: Mapping[tuple[str, str], Cell], methods: Sequence[str], ds: str) -> set[str]:
+    """Methods whose mean, as shown (percent, 2 decimals), is the highest in column ``ds``."""
+    shown = {m: round(100.0 * cells[(m, ds)].mean, 2) for m in methods if (m, ds) in cells}
+    if not shown:
+        return set()
+    top = max(shown.values())
+    return {m for m, v in shown.items() if v == top}
+
+
+def _latex_escape(s: str) -> str:
+    repl = {
+        "\\": r"\textbackslash{}",
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "~": r"\textasciitilde{}",
+        "^": r"\textasciicircum{}",
+    }
+    return "".join(repl.get(c, c) for c in s)
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", r"\|")
+
+
+def format_table(
+    cells: Mapping[tuple[str, str], Cell],
+    datasets: Sequence[str] | None = None,
+    style: str = "text",
+    title: str = "",
+    mark_best: bool = True,
+) -> str:
+    """The paper's layout: a row per method (grouped), a column per data set, ``mean ± std`` in %.
+
+    ``cells`` is keyed by ``(method, dataset)``. Data sets come in the given order
+    (default: sorted); groups and methods with no value in them are left out;
+    ``-`` marks a missing cell. The best mean of each column is marked (text:
+    trailing ``*``; markdown: bold; latex: ``\\textbf``). ``style`` is ``"text"``,
+    ``"markdown"``, ``"latex"`` or ``"csv"`` (a row per method and data set with
+    the raw fractions: group, method, dataset, mean, std, n, values joined by ``;``;
+    no marking).
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown table style {style!r}; use one of {', '.join(STYLES)}")
+    cols = _datasets(cells, datasets)
+    layout = _layout(m for m, ds in cells if ds in cols)
+    shown = [m for _, ms in layout for m in ms]
+    best = {ds: (_best(cells, shown, ds) if mark_best else set()) for ds in cols}
+    if style == "csv":
+        return _csv_table(cells, cols, layout)
+    if style == "markdown":
+        return _markdown_table(cells, cols, layout, best, title)
+    if style == "latex":
+        return _latex_table(cells, cols, layout, best, title)
+    return _text_table(cells, cols, layout, best, title)
+
+
+def _csv_table(cells: _Cells, cols: list[str], layout: _Layout) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["group", "method", "dataset", "mean", "std", "n", "values"])
+    for group, methods in layout:
+        for m in methods:
+            for ds in cols:
+                c = cells.get((m, ds))
+                if c is not None:
+                    w.writerow([group, m, ds, repr(float(c.mean)), repr(float(c.std)), c.n, ";".join(repr(float(v)) for v in c.values)])
+    return buf.getvalue()
+
+
+def _cell_text(c: Cell | None, pm: str = "±") -> str:
+    return "-" if c is None else f"{_pct(c.mean)} {pm} {_pct(c.std)}"
+
+
+def _text_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str, set[str]], title: str) -> str:
+    head = ["Method"] + [DATASET_NAMES.get(ds, ds) for ds in cols]
+    body: list[list[str] | str] = []
+    for group, methods in layout:
+        body.append(group)
+        for m in methods:
+            row = ["  " + METHOD_NAMES.get(m, m)]
+            for ds in cols:
+                c = cells.get((m, ds))
+                row.append(_cell_text(c) + ("*" if m in best[ds] else " "))
+            body.append(row)
+    widths = [len(h) for h in head]
+    for row in body:
+        if isinstance(row, list):
+            widths = [max(w, len(x)) for w, x in zip(widths, row)]
+    widths[0] = max([widths[0]] + [len(r) for r in body if isinstance(r, str)])
+
+    def line(row: list[str]) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(row[1:], widths[1:])]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines = [title] if title else []
+    lines += [line(head), rule]
+    for row in body:
+        lines.append(row if isinstance(row, str) else line(row))
+    if not body:
+        lines.append("(no results)")
+    elif any(best.values()):
+        lines += [rule, "* best mean of the column"]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str, set[str]], title: str) -> str:
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(["Method"] + [_md_escape(DATASET_NAMES.get(ds, ds)) for ds in cols]) + " |")
+    lines.append("|" + "|".join([" --- "] + [" ---: "] * len(cols)) + "|")
+    for group, methods in layout:
+        lines.append("| " + " | ".join([f"*{group}*"] + [""] * len(cols)) + " |")
+        for m in methods:
+            row = [_md_escape(METHOD_NAMES.get(m, m))]
+            for ds in cols:
+                s = _cell_text(cells.get((m, ds)))
+                row.append(f"**{s}**" if m in best[ds] else s)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _latex_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str, set[str]], title: str) -> str:
+    ncol = len(cols) + 1
+    lines = [f"% {' '.join(title.split())}"] if title else []
+    lines += [
+        r"\begin{tabular}{l" + "c" * len(cols) + "}",
+        r"\toprule",
+        " & ".join(["Method"] + [_latex_escape(DATASET_NAMES.get(ds, ds)) for ds in cols]) + r" \\",
+    ]
+    for group, methods in layout:
+        lines.append(r"\midrule")
+        lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{_latex_escape(group)}}}}} \\")
+        for m in methods:
+            row = [_latex_escape(METHOD_NAMES.get(m, m))]
+            for ds in cols:
+                s = _cell_text(cells.get((m, ds)), pm=r"$\pm$")
+                row.append(rf"\textbf{{{s}}}" if m in best[ds] else s)
+            lines.append(" & ".join(row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def _title(selection: str, metric: str, cells: Mapping[tuple[str, str], Cell]) -> str:
+    ns = sorted({c.n for c in cells.values()})
+    runs = "" if not ns else f" over {ns[0]} run{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f" over {ns[0]}-{ns[-1]} runs"
+    return f"{_METRIC_NAMES.get(metric, metric)} (%) of the {_SELECTION_TITLES[selection]}: mean ± std{runs}"
+
+
+def _runs_csv(records: Sequence[RunRecord]) -> str:
+    def val(x: Any) -> str:
+        f = _number(x)
+        return "" if f is None else (str(int(f)) if isinstance(x, int) else repr(f))
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(RUNS_CSV_COLUMNS)
+    for r in records:
+        s = r.summary
+        fin = s.get("final") if isinstance(s.get("final"), Mapping) else {}
+        bv = s.get("best_val") if isinstance(s.get("best_val"), Mapping) else {}
+        ab = s.get("authors_best_on_test") if isinstance(s.get("authors_best_on_test"), Mapping) else {}
+        w.writerow(
+            [r.dataset, r.method, r.run, val(s.get("seed")), val(s.get("epochs"))]
+            + [val(fin.get(k)) for k in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")]
+            + [val(bv.get("epoch")), val(bv.get("nngk_acc")), val(ab.get("nngk_acc")), val(s.get("seconds"))]
+        )
+    return buf.getvalue()
+
+
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc") -> dict[str, Path]:
+    """Write the tables of the runs under ``results_dir`` into ``out_dir`` (default: the same).
+
+    Files: ``table_final.{md,csv,tex,txt}``, ``table_best_val.{md,csv,tex,txt}``,
+    ``table_authors_best_on_test.md`` (always NNGK accuracy, the only metric it
+    has) and ``runs.csv`` (a row per run). Returns the paths keyed by file name.
+    """
+    records = collect_runs(results_dir)
+    out = Path(results_dir if out_dir is None else out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the report folder {out} ({e}); give a writable --out folder") from e
+    ext = {"md": "markdown", "csv": "csv", "tex": "latex", "txt": "text"}
+    files: dict[str, str] = {}
+    for selection in ("final", "best_val"):
+        cells = aggregate(records, selection, metric)
+        title = _title(selection, metric, cells)
+        for suffix, style in ext.items():
+            files[f"table_{selection}.{suffix}"] = format_table(cells, style=style, title=title)
+    cells = aggregate(records, "authors_best_on_test", "nngk_acc")
+    files["table_authors_best_on_test.md"] = format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells))
+    files["runs.csv"] = _runs_csv(records)
+    paths: dict[str, Path] = {}
+    for name, text in files.items():
+        p = out / name
+        try:
+            p.write_text(text, encoding="utf-8", newline="")
+        except OSError as e:
+            raise DataError(f"cannot write {p} ({e}); give a writable --out folder") from e
+        paths[name] = p
+    return paths
+
+
+def report_text(results_dir: str | Path, metric: str = "nngk_acc") -> str:
+    """The text tables of the final model and of the best-on-validation model, for printing."""
+    records = collect_runs(results_dir)
+    parts = []
+    for selection in ("final", "best_val"):
+        cells = aggregate(records, selection, metric)
+        parts.append(format_table(cells, style="text", title=_title(selection, metric, cells)))
+    return "\n".join(parts)
