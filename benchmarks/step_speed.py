@@ -1,0 +1,101 @@
+"""One training step of each method against plain cross-entropy on the same backbone.
+
+Everything is timed side by side in one run (interleaved rounds, median of each), so
+the printed ratios hold on a noisy machine even when the absolute times do not:
+
+- MbDML2, NNGK, Mixup: one forward/backward pass, against one plain CE step;
+- MbDML1, MbDML3: a clean and a mixed pass, against plain CE on both (a 2B batch);
+- the input pipeline: images per second that the batch loader (flip + padded crop +
+  normalisation on whole batches) delivers, against what a CE training step consumes.
+
+    python benchmarks/step_speed.py [--batch 128 --width 32 --centres 4500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mbdml.data.batches import Augmentation, BatchLoader
+from mbdml.kernel import NNGKClassifier
+from mbdml.methods import MethodOptions, build_method
+from mbdml.models import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--centres", type=int, default=4500)
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    b, n = args.batch, args.centres
+    model = build_model("resnet_small", in_channels=3, embedding_dim=128, width=args.width, normalize=True).to(memory_format=torch.channels_last)
+    images = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    x = torch.randn(b, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    y = labels[:b]
+    idx = torch.arange(b)
+    kernel = NNGKClassifier(num_classes=10, sigma=0.3, k=args.k)
+    with torch.no_grad():
+        kernel.set_centres(torch.nn.functional.normalize(torch.randn(n, 128), dim=1), labels)
+    head = torch.nn.Linear(128, 10)
+    methods = {name: build_method(name, kernel, 128, 10, MethodOptions()) for name in ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")}
+    params = list(model.parameters()) + list(head.parameters()) + [q for m in methods.values() for q in m.parameters() if q.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x2 = torch.cat([x, x])
+    y2 = torch.cat([y, y])
+
+    def ce(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(model(inputs)), targets).backward()
+        opt.step()
+
+    def method_step(name: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        methods[name](model, x, y, idx, gen).loss.backward()
+        opt.step()
+
+    steps = {
+        "ce (B)": lambda: ce(x, y),
+        "ce (2B)": lambda: ce(x2, y2),
+        **{name: (lambda name=name: method_step(name)) for name in methods},
+    }
+    model.train()
+    for fn in steps.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for key, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"one training step, batch {b}, {args.size}x{args.size}, resnet_small width {args.width}, {n} centres, K {args.k}, threads {torch.get_num_threads()}")
+    print("| step | median s | images/s | ratio | against |")
+    print("|---|---|---|---|---|")
+    for key, ref in (("ce (B)", "ce (B)"), ("ce (2B)", "ce (B)"), ("nngk", "ce (B)"), ("mixup", "ce (B)"), ("mbdml2", "ce (B)"), ("mbdml1", "ce (2B)"), ("mbdml3", "ce (2B)")):
+        print(f"| {key} | {med[key]:.4f} | {b / med[key]:.0f} | {med[key] / med[ref]:.3f} | {ref} |")
+
+    loader = BatchLoader(images, labels, b, shuffle=True, drop_last=True, augmentation=Augmentation(flip=True, crop_padding=4),
+                         generator=torch.Generator().manual_seed(0), channels_last=True)
+    t0 = time.perf_counter()
+    count = 0
+    for _ in range(3):
+        for batch in loader:
+            count += batch.images.shape[0]
+    pipe = count / (time.perf_counter() - t0)
+    consumed = b / med["ce (B)"]
+    print(f"\ninput pipeline: {pipe:.0f} images/s delivered, the CE step consumes {consumed:.0f} images/s: {pipe / consumed:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
