@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from mbdml.checkpoint import load_checkpoint
 

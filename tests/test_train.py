@@ -109,7 +109,6 @@ def test_unwritable_checkpoint_stops_the_run_and_keeps_the_previous_one(tmp_path
     from mbdml.errors import CheckpointError
 
     real_save = torch.save
-    calls = {"n": 0}
 
     def fail_on_second_epoch(obj, f, *a, **k):
         if isinstance(obj, dict) and obj.get("epoch") == 2 and "optimizer" in obj:

@@ -14,7 +14,6 @@ Errors a user can fix are printed as one line (no traceback) with exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys

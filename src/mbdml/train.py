@@ -389,7 +389,6 @@ class Trainer:
 
     def run(self) -> RunResult:
         """Train (or resume), evaluate, save; returns the summary."""
-        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._start_log_file()
         try:

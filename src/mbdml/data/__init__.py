@@ -41,6 +41,7 @@ __all__ = [
     "check_every_class_labelled",
     "find_cifar10_archive",
     "labelled_split",
+    "validation_split",
     "load_cifar_pickle",
     "load_dataset",
     "load_digits_builtin",
