@@ -152,3 +152,17 @@ def test_memory_bank_update_is_applied_after_backward(setup):
     expected = 0.25 * centres[:4] + 0.75 * (centres[:4] + 1.0)
     assert torch.allclose(kernel.state_dict()["centres"][:4], expected)
     assert torch.allclose(kernel.centres[4:], centres[4:])
+
+
+def test_kernel_stays_float32_under_autocast(setup):
+    kernel, centres, labels, g = setup
+    f = centres[:6] + 0.3
+    nbrs = kernel.training_neighbours(torch.arange(6))
+    ref = kernel.log_probs(f, nbrs)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = kernel.log_probs(f.bfloat16(), nbrs)
+        searched = kernel.neighbours(f)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, kernel.log_probs(f.bfloat16().float(), nbrs), atol=1e-6)
+    assert torch.equal(searched, kernel.neighbours(f))
+    assert torch.allclose(ref, kernel.log_probs(f, nbrs))

@@ -133,3 +133,9 @@ def test_saved_configuration_reruns_the_run_exactly(tmp_path):
     assert again["final"] == first.summary["final"]
     env = json.loads((first.run_dir / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["mbdml"]
+
+
+def test_bf16_autocast_run_learns(tmp_path):
+    res = train(small(tmp_path, method="mbdml3", amp="bf16", max_epochs=12, labelled_fraction=0.3, eval_every=12, name="bf16"))
+    assert res.summary["final"]["nngk_acc"] > 0.5
+    assert json.loads((res.run_dir / "config.json").read_text())["amp"] == "bf16"

@@ -108,6 +108,8 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
     g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
     g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
+    g.add_argument("--amp", choices=("none", "bf16"), default=S, help="bfloat16 autocast for the network (default none)")
+    g.add_argument("--compile", type=str2bool, default=S, help="torch.compile the training forward pass (default False)")
     g.add_argument("--channels_last", type=str2bool, default=S, help="channels-last memory format (faster on CPUs)")
 
     g = p.add_argument_group("kernel classifier")

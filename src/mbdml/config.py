@@ -59,6 +59,8 @@ class RunConfig:
     freeze_bn: bool = False
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
     channels_last: bool = True
+    amp: str = "none"  # none | bf16: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16)
+    compile: bool = False  # torch.compile the training forward pass
     # kernel classifier
     sigma: float = 0.3  # ours, for unit-length embeddings; the paper's 10 suits raw 2048-d features
     k: int = 200
@@ -124,6 +126,7 @@ class RunConfig:
         choice("mixup_head", self.mixup_head, MIXUP_HEADS)
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
         choice("split", self.split, ("random", "folds"))
+        choice("amp", self.amp, ("none", "bf16"))
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
         positive("sigma", self.sigma, "pass --sigma 10 (the paper's value)")
         positive("learning_rate", self.learning_rate, "pass e.g. --learning_rate 1e-3")

@@ -239,7 +239,13 @@ class NNGKClassifier(nn.Module):
         c = int(self.num_classes)
         if k == 0:  # no neighbour at all (a single labelled image): uniform
             return embeddings.new_full((b, c), -math.log(c))
-        f = embeddings.float()
+        # Always float32, also under autocast: distances of nearby embeddings need it.
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self._log_probs_fp32(embeddings.float(), neighbour_indices, valid)
+
+    def _log_probs_fp32(self, f: torch.Tensor, neighbour_indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        b, k = neighbour_indices.shape
+        c = int(self.num_classes)
         sq_dist = self._neighbour_sq_distances(f, neighbour_indices)
         logits = self.log_weights[neighbour_indices] - sq_dist / (2.0 * self.sigma**2)
         if valid is not None:

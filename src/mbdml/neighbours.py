@@ -95,7 +95,8 @@ def knn_search(
         empty = queries.new_zeros((queries.shape[0], k_eff))
         return SearchResult(empty, empty.long())
     if backend == "torch":
-        return _search_torch(queries, centres, k_eff, exclude, query_block, centre_block)
+        with torch.autocast(device_type=queries.device.type, enabled=False):  # exact float32 ranking
+            return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block, centre_block)
     return _search_faiss(queries, centres, k_eff, exclude, approximate=(backend == "faiss-ivf"), nprobe=nprobe)
 
 
@@ -120,7 +121,9 @@ def _search_torch(
         best_d = best_i = None
         for c0 in range(0, n, centre_block):
             c1 = min(n, c0 + centre_block)
-            d = squared_distances(q, centres[c0:c1], sq_norms[c0:c1])
+            # ||c||^2 - 2 q.c ranks the centres like the full distance (||q||^2 is the
+            # same along a row), so the query norms are added to the k winners only.
+            d = torch.addmm(sq_norms[c0:c1].unsqueeze(0), q, centres[c0:c1].t(), beta=1.0, alpha=-2.0)
             if ex is not None:
                 local = ex - c0
                 inside = (local >= 0) & (local < c1 - c0) & (ex >= 0)
@@ -137,7 +140,8 @@ def _search_torch(
                 best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False, sorted=False)
                 best_i = cat_i.gather(1, pos)
         order = best_d.argsort(dim=1)
-        out_d[q0 : q0 + query_block] = best_d.gather(1, order)
+        best_d = best_d + q.pow(2).sum(1, keepdim=True)
+        out_d[q0 : q0 + query_block] = best_d.gather(1, order).clamp_min_(0.0)
         out_i[q0 : q0 + query_block] = best_i.gather(1, order)
     return SearchResult(out_d, out_i)
 

@@ -246,6 +246,9 @@ class Trainer:
         self.method.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # The training forward may be compiled; it shares its parameters with self.model,
+        # which is what is evaluated and saved.
+        self.train_model = torch.compile(self.model) if cfg.compile else self.model
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
 
@@ -273,17 +276,22 @@ class Trainer:
         )
 
     # --------------------------------------------------------- centres, eval
+    def _autocast(self) -> Any:
+        """bfloat16 autocast with --amp bf16 (the kernel classifier itself stays in float32)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp == "bf16")
+
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return compute_embeddings(
-            self.model,
-            images,
-            batch_size=max(256, self.cfg.batch_size),
-            device=self.device,
-            mean=self.cfg.mean,
-            std=self.cfg.std,
-            channels_last=self.cfg.channels_last,
-        )
+        with self._autocast():
+            return compute_embeddings(
+                self.model,
+                images,
+                batch_size=max(256, self.cfg.batch_size),
+                device=self.device,
+                mean=self.cfg.mean,
+                std=self.cfg.std,
+                channels_last=self.cfg.channels_last,
+            )
 
     def _recalibrate_bn(self) -> None:
         from .data.batches import normalize_batch
@@ -335,7 +343,8 @@ class Trainer:
             lr = learning_rate_at(cfg, step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            out = self.method(self.model, batch.images, batch.labels, batch.indices, self.mix_gen)
+            with self._autocast():
+                out = self.method(self.train_model, batch.images, batch.labels, batch.indices, self.mix_gen)
             if not torch.isfinite(out.loss):
                 raise TrainingError(
                     f"the loss became {out.loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
