@@ -152,3 +152,14 @@ def test_recalibrated_batchnorm_makes_eval_match_train_mode():
         train_out = model.train()(x)
     assert (eval_out - train_out).abs().mean() < 0.2 * stale_gap
     assert not recalibrate_batchnorm(torch.nn.Linear(2, 2), [torch.zeros(1, 2)])
+
+
+def test_pretrained_words_from_the_command_line():
+    import pytest
+
+    from mbdml.errors import ConfigError
+    from mbdml.models import build_model
+
+    assert build_model("resnet_small", 3, 8, pretrained="none", width=8) is not None
+    with pytest.raises(ConfigError, match="local path|download|path"):
+        build_model("resnet18", 3, 8, pretrained="true")

@@ -78,8 +78,10 @@ def build_model(
     _check_positive_int("in_channels", in_channels)
     if embedding_dim is not None:
         _check_positive_int("embedding_dim", embedding_dim)
-    if pretrained is False:
+    if pretrained is False or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "false")):
         pretrained = None
+    if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "imagenet"):
+        pretrained = True  # the command line's --pretrained true: the bundled ImageNet weights
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike, bool)):
         raise ConfigError(f"pretrained must be a checkpoint path, True or None, got {pretrained!r}")
 
