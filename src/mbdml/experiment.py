@@ -136,7 +136,9 @@ def compare(
         json.dumps({"datasets": datasets, "methods": methods, "runs": runs, "base": base.to_dict()}, indent=2, sort_keys=True) + "\n"
     )
     log.info("%d runs in the comparison, %d already finished, %d to do (%d in parallel)", len(all_jobs), len(all_jobs) - len(todo), len(todo), jobs)
-    bar = _bar(len(all_jobs), len(all_jobs) - len(todo), progress)
+    from .train import progress_bar
+
+    bar = progress_bar(desc="runs", enabled=progress, total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run")
     failures: list[str] = []
     t0 = time.perf_counter()
     if jobs <= 1:
@@ -174,16 +176,6 @@ def _done(bar: Any, job: Job, summary: dict[str, Any], on_run_end: Callable[[Job
         bar.update(1)
     if on_run_end is not None:
         on_run_end(job, summary)
-
-
-def _bar(total: int, done: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, initial=done, desc="runs", unit="run", dynamic_ncols=True)
 
 
 def write_outputs(results_dir: str | Path) -> dict[str, Path]:

@@ -337,7 +337,7 @@ class Trainer:
         sums: dict[str, torch.Tensor | float] = {}
         correct = seen = 0
         steps = len(loader)
-        bar = _progress(loader, f"epoch {epoch + 1}/{cfg.max_epochs}", cfg.progress)
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", enabled=cfg.progress, leave=False)
         for i, batch in enumerate(bar):
             step = epoch * steps + i
             lr = learning_rate_at(cfg, step, total_steps)
@@ -551,14 +551,17 @@ class Trainer:
             self._log_handler = None
 
 
-def _progress(iterable: Any, desc: str, enabled: bool) -> Any:
+def progress_bar(iterable: Any = None, *, desc: str, enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar over ``iterable`` (or a manual one with ``total=``), or None / the
+    iterable itself when progress display is off or tqdm is missing."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            enabled = False
     if not enabled:
         return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, mininterval=1.0, **kwargs)
 
 
 def train(cfg: RunConfig, **kwargs: Any) -> RunResult:

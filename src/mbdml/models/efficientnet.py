@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mbdml.errors import ConfigError
-from mbdml.models.resnet import _check_positive_int, load_pretrained
+from mbdml.models.resnet import _check_positive_int, check_input, drop_classifier_keys, load_pretrained
 
 __all__ = ["EfficientNetLite", "efficientnet_lite0", "lite0_checkpoint_path"]
 
@@ -200,19 +200,13 @@ class EfficientNetLite(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # drop the ImageNet classifier of the reference checkpoint (this trunk has none)
-        for key in [k for k in state_dict if k.startswith(prefix + "_fc.")]:
-            del state_dict[key]
+        drop_classifier_keys(state_dict, prefix + "_fc.")  # the reference checkpoint's classifier
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ConfigError(
-                f"{self.arch} expects input of shape (B, {self.in_channels}, H, W), got "
-                f"{tuple(x.shape)}; build the model with the right in_channels or fix the data"
-            )
+        check_input(x, self.in_channels, self.arch)
         x = self._relu(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)

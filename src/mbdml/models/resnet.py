@@ -48,6 +48,25 @@ def _check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def drop_classifier_keys(state_dict: dict[str, Any], prefix: str) -> None:
+    """Remove an ImageNet classifier's keys (``prefix`` + ...) from a state dict in place.
+
+    The trunks here have no classifier, so a torchvision or EfficientNet checkpoint's
+    ``fc.*`` / ``_fc.*`` entries are dropped while loading instead of failing.
+    """
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def check_input(x: torch.Tensor, in_channels: int, arch: str) -> None:
+    """A clear error for an input that is not (B, in_channels, H, W)."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ConfigError(
+            f"{arch} expects input of shape (B, {in_channels}, H, W), got "
+            f"{tuple(x.shape)}; build the model with the right in_channels or fix the data"
+        )
+
+
 def _init_weights(module: nn.Module) -> None:
     """He initialisation for convolutions, identity for batch norm (as torchvision)."""
     for m in module.modules():
@@ -287,19 +306,13 @@ class ResNet(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # drop the ImageNet classifier of a torchvision checkpoint (this model has none)
-        for key in [k for k in state_dict if k.startswith(prefix + "fc.")]:
-            del state_dict[key]
+        drop_classifier_keys(state_dict, prefix + "fc.")  # a torchvision checkpoint's classifier
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ConfigError(
-                f"{self.arch} expects input of shape (B, {self.in_channels}, H, W), got "
-                f"{tuple(x.shape)}; build the model with the right in_channels or fix the data"
-            )
+        check_input(x, self.in_channels, self.arch)
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
