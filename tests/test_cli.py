@@ -82,7 +82,7 @@ def test_train_evaluate_embed_on_a_folder(tmp_path, capsys):
     write_folder(tmp_path / "train", n_per_class=10)
     write_folder(tmp_path / "test", n_per_class=4)
     args = ["train", "--data_dir", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--save_dir", str(tmp_path / "runs"),
-            "--name", "f", "--method", "mbdml1", "--max_epochs", "2", "--width", "8", "--embedding_dim", "8", "--k", "5",
+            "--name", "f", "--method", "mbdml1", "--max_epochs", "2", "--eval_every", "1", "--width", "8", "--embedding_dim", "8", "--k", "5",
             "--batch_size", "8", "--no-progress", "--val_fraction", "0.2", "--num_classes", "2", "--tsne_graph", "True"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -90,6 +90,10 @@ def test_train_evaluate_embed_on_a_folder(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "f"
     for png in ("accuracy.png", "tsne_train.png", "tsne_test.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    gif = Image.open(run_dir / "tsne_test_epochs.gif")
+    assert gif.format == "GIF" and gif.n_frames == 2  # one frame per evaluation (epochs 1 and 2)
     assert main(["evaluate", str(run_dir), "--out", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["images"] == 8 and 0 <= metrics["nngk_acc"] <= 1

@@ -139,3 +139,33 @@ def test_bf16_autocast_run_learns(tmp_path):
     res = train(small(tmp_path, method="mbdml3", amp="bf16", max_epochs=12, labelled_fraction=0.3, eval_every=12, name="bf16"))
     assert res.summary["final"]["nngk_acc"] > 0.5
     assert json.loads((res.run_dir / "config.json").read_text())["amp"] == "bf16"
+
+
+def test_tensorboard_scalars_when_installed_and_nothing_lost_without(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    logged = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            logged.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            logged.append((key, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            logged.append(("closed", None))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    train(small(tmp_path, method="nngk", max_epochs=2, name="tb"))
+    assert logged[0] == ("dir", str(tmp_path / "tb" / "tensorboard"))
+    assert ("loss", 1) in logged and ("test_acc", 2) in logged and logged[-1] == ("closed", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+    res = train(small(tmp_path, method="nngk", max_epochs=1, name="notb"))
+    assert (res.run_dir / "metrics.csv").is_file() and not (res.run_dir / "tensorboard").exists()

@@ -274,23 +274,15 @@ def _class_name(label: Any, class_names: Sequence[str] | None) -> str:
     return str(label)
 
 
-def plot_tsne(
+def _tsne_figure(
     embeddings: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
-    path: str | Path,
-    class_names: Sequence[str] | None = None,
-    title: str = "",
-    max_points: int = 3000,
-    seed: int = 0,
-) -> Path:
-    """Scatter a 2-D t-SNE map of the embeddings, coloured by class; save a PNG.
-
-    Shows how well the learned metric separates classes. Uses
-    :func:`tsne_coordinates` (at most ``max_points`` points, seeded). Colours come
-    from tab10 / tab20 by the number of classes (a sampled ``turbo`` beyond 20);
-    the legend, with ``class_names[label]`` where given, is shown up to 20 classes.
-    Returns ``Path(path)``.
-    """
+    class_names: Sequence[str] | None,
+    title: str,
+    max_points: int,
+    seed: int,
+) -> Figure:
+    """The t-SNE scatter figure behind :func:`plot_tsne` and :func:`save_tsne_gif`."""
     coords, y = tsne_coordinates(embeddings, labels, max_points=max_points, seed=seed)
     classes, inverse = np.unique(y, return_inverse=True)
     k = len(classes)
@@ -320,7 +312,56 @@ def plot_tsne(
     ax.set_yticks([])
     ax.set_title(title or f"t-SNE ({len(y)} points, {k} classes)")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def plot_tsne(
+    embeddings: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+    max_points: int = 3000,
+    seed: int = 0,
+) -> Path:
+    """Scatter a 2-D t-SNE map of the embeddings, coloured by class; save a PNG.
+
+    Shows how well the learned metric separates classes. Uses
+    :func:`tsne_coordinates` (at most ``max_points`` points, seeded). Colours come
+    from tab10 / tab20 by the number of classes (a sampled ``turbo`` beyond 20);
+    the legend, with ``class_names[label]`` where given, is shown up to 20 classes.
+    Returns ``Path(path)``.
+    """
+    return _save(_tsne_figure(embeddings, labels, class_names, title, max_points, seed), path)
+
+
+def save_tsne_gif(
+    frames: Sequence[tuple[str, np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 1000,
+    seed: int = 0,
+    seconds_per_frame: float = 1.0,
+) -> Path:
+    """An animated GIF of t-SNE maps, one frame per ``(title, embeddings, labels)``.
+
+    Shows how the test embeddings organise themselves as training goes on. Each frame
+    is its own t-SNE (maps are not aligned across frames; the clusters are what to watch).
+    """
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("save_tsne_gif needs at least one frame")
+    images = []
+    for title, emb, lab in frames:
+        fig = _tsne_figure(emb, lab, class_names, title, max_points, seed)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        images.append(Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy()))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(out, save_all=True, append_images=images[1:], duration=int(1000 * seconds_per_frame), loop=0)
+    return out
 
 
 def save_tsne_pair(

@@ -324,6 +324,7 @@ class Trainer:
         if len(images_set) == 0:
             return {}
         emb = self._embed(images_set.images)
+        self._last_embeddings = emb
         return evaluate_embeddings(self.kernel, emb, images_set.labels.to(self.device), knn_k=self.cfg.knn_k, retrieval=retrieval, seed=self.cfg.seed)
 
     # -------------------------------------------------------------- the loop
@@ -454,6 +455,8 @@ class Trainer:
                 val = self.evaluate_split(data.val, retrieval=False)
                 # Retrieval metrics (MAP@R, NMI: k-means) cost more than the rest: final model only.
                 test = self.evaluate_split(data.test, retrieval=cfg.retrieval_metrics and last)
+                if cfg.tsne_graph and len(data.test):
+                    self._keep_tsne_frame(epoch + 1)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 row.update({f"test_{k}": v for k, v in test.items()})
                 row["val_acc"] = val.get("nngk_acc")
@@ -466,6 +469,7 @@ class Trainer:
             self.history.append(row)
             save_checkpoint(self._state(epoch + 1, best, centres_fresh), self.run_dir / "last.pt")
             write_csv(self.history, self.run_dir / "metrics.csv")
+            self._tensorboard(row)
             log.info(
                 "epoch %d/%d  loss %.4f  train %s  val %s  test %s  (%.1fs)",
                 epoch + 1, cfg.max_epochs, row["loss"], _fmt(row.get("train_acc")), _fmt(row.get("val_acc")), _fmt(row.get("test_acc")), row["epoch_s"],
@@ -476,6 +480,15 @@ class Trainer:
         save_json(summary, self.run_dir / "summary.json")
         self._plots()
         return RunResult(self.run_dir, summary, self.history)
+
+    def _keep_tsne_frame(self, epoch: int) -> None:
+        """A fixed random subset of the test embeddings at this evaluation, for the GIF."""
+        if not hasattr(self, "_tsne_subset"):
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            self._tsne_subset = torch.randperm(len(self.data.test), generator=gen)[:1000]
+            self._tsne_frames: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        sub = self._tsne_subset
+        self._tsne_frames.append((f"test embeddings, epoch {epoch}", self._last_embeddings[sub.to(self._last_embeddings.device)].cpu(), self.data.test.labels[sub]))
 
     def _update_best(self, best: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
         best = dict(best)
@@ -533,6 +546,13 @@ class Trainer:
                 train_emb = self._embed(self.data.train.images).cpu()
                 test_emb = self._embed(self.data.test.images).cpu()
                 save_tsne_pair(train_emb, self.data.train.labels, test_emb, self.data.test.labels, self.run_dir, class_names=self.data.classes, seed=self.cfg.seed)
+                frames = getattr(self, "_tsne_frames", [])
+                if frames:
+                    from .plots import save_tsne_gif
+
+                    step = max(1, math.ceil(len(frames) / 12))  # at most about 12 frames
+                    chosen = frames[::step] if frames[::step][-1] is frames[-1] else frames[::step] + [frames[-1]]
+                    save_tsne_gif(chosen, self.run_dir / "tsne_test_epochs.gif", class_names=self.data.classes, seed=self.cfg.seed)
         except Exception as exc:  # a plot must never lose a finished run
             log.warning("could not draw the plots (%s); the metrics are in %s", exc, self.run_dir / "metrics.csv")
 
@@ -549,6 +569,28 @@ class Trainer:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        writer = getattr(self, "_tb_writer", None)
+        if writer:
+            writer.close()
+            self._tb_writer = None
+
+    def _tensorboard(self, row: dict[str, Any]) -> None:
+        """Per-epoch scalars to RUN_DIR/tensorboard when tensorboard is installed (the
+        authors logged there); without it nothing is lost, metrics.csv has them all."""
+        writer = getattr(self, "_tb_writer", None)
+        if writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb_writer = False
+                return
+            writer = self._tb_writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        if writer is False:
+            return
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
 
 
 def progress_bar(iterable: Any = None, *, desc: str, enabled: bool, **kwargs: Any) -> Any:
