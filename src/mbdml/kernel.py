@@ -35,37 +35,42 @@ from .neighbours import effective_k, knn_search
 
 
 class _GatheredDot(torch.autograd.Function):
-    """dots[b, j] = f[b] . centres[idx[b, j]], in cache-sized blocks of rows.
+    """dots[b, j] = f[b] . centres[idx[b, j]], without a (B, K, D) tensor.
 
-    Autograd would keep the whole (B, K, D) gathered tensor for the backward pass (210 MB
-    at B = 128, K = 200, D = 2048); here each block is gathered, used and dropped, in the
-    forward and again in the backward. No gradient flows to the centres.
+    Autograd would keep the whole gathered (B, K, D) tensor for the backward pass (210 MB
+    at B = 128, K = 200, D = 2048), and allocating it afresh each step costs more than
+    the arithmetic (page faults). Forward: the rows of a few samples at a time are
+    gathered into one small reused workspace that stays in cache, then multiplied.
+    Backward: grad_f[b] = sum_j g[b, j] centres[idx[b, j]] is exactly a weighted
+    ``embedding_bag``, which reads the rows without copying them. No gradient flows to
+    the centres.
     """
 
-    @staticmethod
-    def _rows_per_block(k: int, d: int) -> int:
-        return max(1, (1 << 20) // max(1, k * d))  # about 4 MB of float32 per block
+    _WORKSPACE_FLOATS = 1 << 19  # 2 MB of float32: a block that stays in cache
 
     @staticmethod
     def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(centres, idx)
         b, k = idx.shape
-        step = _GatheredDot._rows_per_block(k, f.shape[1])
-        out = f.new_empty(b, k)
-        for i in range(0, b, step):
-            out[i : i + step] = torch.bmm(centres[idx[i : i + step]], f[i : i + step].unsqueeze(2)).squeeze(2)
-        return out
+        d = centres.shape[1]
+        rows = max(2, _GatheredDot._WORKSPACE_FLOATS // max(1, k * d))
+        out = f.new_empty(b, 1, k)
+        work = centres.new_empty(min(rows, b) * k, d)
+        f = f.to(centres.dtype).unsqueeze(1)
+        for i in range(0, b, rows):
+            n = min(rows, b - i)
+            block = work[: n * k]
+            torch.index_select(centres, 0, idx[i : i + n].reshape(-1), out=block)
+            # (n, 1, D) x (n, D, K): this layout takes a much faster kernel than (n, K, D) x (n, D, 1)
+            torch.bmm(f[i : i + n], block.view(n, k, d).transpose(1, 2), out=out[i : i + n])
+        return out.squeeze(1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         centres, idx = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        b, k = idx.shape
-        step = _GatheredDot._rows_per_block(k, centres.shape[1])
-        grad_f = grad_out.new_empty(b, centres.shape[1])
-        for i in range(0, b, step):
-            grad_f[i : i + step] = torch.bmm(grad_out[i : i + step].unsqueeze(1), centres[idx[i : i + step]]).squeeze(1)
+        grad_f = F.embedding_bag(idx, centres, per_sample_weights=grad_out.to(centres.dtype).contiguous(), mode="sum")
         return grad_f, None, None
 
 
@@ -246,14 +251,14 @@ class NNGKClassifier(nn.Module):
     def _log_probs_fp32(self, f: torch.Tensor, neighbour_indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         b, k = neighbour_indices.shape
         c = int(self.num_classes)
-        sq_dist = self._neighbour_sq_distances(f, neighbour_indices)
-        logits = self.log_weights[neighbour_indices] - sq_dist / (2.0 * self.sigma**2)
+        flat = neighbour_indices.reshape(-1)
+        logits = self._neighbour_logits(f, neighbour_indices, flat)
         if valid is not None:
             logits = logits.masked_fill(~valid, float("-inf"))
         # Per-class log-sum-exp, each class shifted by its own best neighbour, so a
         # class far behind the nearest one keeps a finite log-mass (and a gradient)
         # instead of underflowing to "no mass".
-        labels = self.centre_labels[neighbour_indices]
+        labels = self.centre_labels.index_select(0, flat).view(b, k)
         class_max = torch.full((b, c), float("-inf"), dtype=logits.dtype, device=logits.device)
         class_max = class_max.scatter_reduce(1, labels, logits.detach(), reduce="amax", include_self=True)
         present = class_max > float("-inf")
@@ -273,23 +278,24 @@ class NNGKClassifier(nn.Module):
             self._sq_norms = cached
         return cached
 
-    def _neighbour_sq_distances(self, f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """||f_b - c_idx[b, j]||^2 for every row b and neighbour j, without an (N, N) matrix.
+    def _neighbour_logits(self, f: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """log k_j(f_b) = theta_j - ||f_b - c_j||^2 / (2 sigma^2) for j = idx[b, :].
 
-        Two exact strategies: one (B, N) matrix product then a gather (cheap when N is
-        below B x K), or dot products with the gathered neighbour centres, a few rows at
-        a time so each block stays in cache and no (B, K, D) tensor is kept for the
-        backward pass (it is gathered again there, block by block).
+        Expanded as theta_j - ||c_j||^2 / 2s^2 (one per-centre term, gathered once)
+        - ||f_b||^2 / 2s^2 + f_b . c_j / s^2, so no (N, N) matrix and no (B, K, D)
+        tensor is built: the dot products come from one small matrix product then a
+        gather when the centres are few, or from :class:`_GatheredDot` otherwise.
         """
         centres = self.centres
-        centre_sq = self._centre_sq_norms()
-        f_sq = f.pow(2).sum(1, keepdim=True)
+        inv = 1.0 / (2.0 * self.sigma**2)
         b, k = idx.shape
-        if centres.shape[0] <= b * k:
+        centre_term = self.log_weights - inv * self._centre_sq_norms()
+        if centres.shape[0] <= 8 * k:  # few centres: one small matrix product beats gathering
             dots = (f @ centres.t()).gather(1, idx)
         else:
             dots = _GatheredDot.apply(f, centres, idx)
-        return (f_sq + centre_sq[idx] - 2.0 * dots).clamp_min(0.0)
+        f_term = inv * f.pow(2).sum(1, keepdim=True)
+        return centre_term.index_select(0, flat).view(b, k) - f_term + (2.0 * inv) * dots
 
     def predict_log_proba(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Log probabilities (B, C) using the K nearest of all centres (test time)."""
