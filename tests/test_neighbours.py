@@ -24,6 +24,27 @@ def test_blocked_search_matches_brute_force(query_block, centre_block):
     assert torch.allclose(res.distances.double(), dist, atol=1e-4)
 
 
+@pytest.mark.parametrize("centre_block", [64, 256, 4096])
+def test_filtered_search_on_class_sorted_data_matches_brute_force(centre_block):
+    """Clusters stored class by class (as image folders load them), so without the
+    shuffled visiting order the nearest centres would all come in the last blocks.
+    Exercises the first-block top-K, the K-th-distance filter, the padded merge, the
+    dense fallback and the own-centre exclusion across blocks."""
+    g = torch.Generator().manual_seed(4)
+    means = 4 * torch.randn(10, 12, generator=g)
+    c = torch.cat([means[i] + torch.randn(300, 12, generator=g) for i in range(10)])
+    own = torch.arange(c.shape[0])
+    res = knn_search(c, c, 40, exclude=own, query_block=500, centre_block=centre_block)
+    dist, idx = brute_force(c, c, 40, exclude=own)
+    assert not (res.indices == own.unsqueeze(1)).any()
+    assert torch.allclose(res.distances.double(), dist, atol=1e-3)
+    same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(res.indices, idx)) / idx.numel()
+    assert same > 0.999  # only exact ties may differ
+    two = torch.stack([own, (own + 1) % c.shape[0]], 1)
+    res2 = knn_search(c, c, 40, exclude=two, query_block=500, centre_block=centre_block)
+    assert not (res2.indices.unsqueeze(2) == two.unsqueeze(1)).any()
+
+
 def test_exclude_own_centre_and_k_capped():
     g = torch.Generator().manual_seed(2)
     c = torch.randn(5, 3, generator=g)

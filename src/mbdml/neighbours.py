@@ -24,6 +24,7 @@ import torch
 from .errors import ConfigError
 
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
+FIRST_BLOCK = 2048
 
 
 @dataclass
@@ -71,8 +72,8 @@ def knn_search(
     *,
     exclude: torch.Tensor | None = None,
     backend: str = "torch",
-    query_block: int = 1024,
-    centre_block: int = 65536,
+    query_block: int = 2048,
+    centre_block: int = 8192,
     nprobe: int = 16,
 ) -> SearchResult:
     """The k nearest centres of each query by squared Euclidean distance.
@@ -109,41 +110,90 @@ def _search_torch(
     query_block: int,
     centre_block: int,
 ) -> SearchResult:
+    """Exact blocked search with a running K-th-distance filter.
+
+    Each block of queries meets the centres block by block. A running top-K is kept per
+    query, and with it the K-th best distance so far: in a new block only the entries
+    below it can enter, so after the first block a cheap comparison replaces a full
+    top-K selection (the same idea as a heap in faiss). The centres are visited in a
+    fixed pseudo-random order, so the filter tightens quickly even when the data came
+    sorted by class. Distance blocks are written into one reused buffer.
+    """
     queries = queries.detach()
     centres = centres.detach()
     n = centres.shape[0]
+    device = queries.device
+    order = None
+    if n > centre_block:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+        centres = centres.index_select(0, order)
+        if exclude is not None:
+            position = torch.empty_like(order)
+            position[order] = torch.arange(n, device=device)
+            exclude = torch.where(exclude >= 0, position[exclude.clamp_min(0)], exclude)
     sq_norms = centres.pow(2).sum(1)
-    out_d = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
-    out_i = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
+    out_d = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=device)
+    out_i = torch.empty(queries.shape[0], k, dtype=torch.long, device=device)
+    first = min(n, max(4 * k, FIRST_BLOCK))  # a small first block sets the filter cheaply
+    bounds = [0, first] + list(range(first + centre_block, n, centre_block)) + [n]
+    bounds = sorted(set(bounds))
+    work = queries.new_empty(min(query_block, queries.shape[0]) * max(b - a for a, b in zip(bounds, bounds[1:])))
     for q0 in range(0, queries.shape[0], query_block):
         q = queries[q0 : q0 + query_block]
+        nq = q.shape[0]
         ex = None if exclude is None else exclude[q0 : q0 + query_block]
         best_d = best_i = None
-        for c0 in range(0, n, centre_block):
-            c1 = min(n, c0 + centre_block)
+        for c0, c1 in zip(bounds, bounds[1:]):
             # ||c||^2 - 2 q.c ranks the centres like the full distance (||q||^2 is the
             # same along a row), so the query norms are added to the k winners only.
-            d = torch.addmm(sq_norms[c0:c1].unsqueeze(0), q, centres[c0:c1].t(), beta=1.0, alpha=-2.0)
+            d = work[: nq * (c1 - c0)].view(nq, c1 - c0)
+            torch.addmm(sq_norms[c0:c1].unsqueeze(0), q, centres[c0:c1].t(), beta=1.0, alpha=-2.0, out=d)
             if ex is not None:
                 local = ex - c0
                 inside = (local >= 0) & (local < c1 - c0) & (ex >= 0)
-                rows = torch.arange(q.shape[0], device=q.device).unsqueeze(1).expand_as(local)
+                rows = torch.arange(nq, device=device).unsqueeze(1).expand_as(local)
                 d[rows[inside], local[inside]] = float("inf")
-            kk = min(k, c1 - c0)
-            blk_d, blk_i = torch.topk(d, kk, dim=1, largest=False, sorted=False)
-            blk_i += c0
             if best_d is None:
-                best_d, best_i = blk_d, blk_i
-            else:
-                cat_d = torch.cat([best_d, blk_d], 1)
-                cat_i = torch.cat([best_i, blk_i], 1)
-                best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False, sorted=False)
-                best_i = cat_i.gather(1, pos)
-        order = best_d.argsort(dim=1)
-        best_d = best_d + q.pow(2).sum(1, keepdim=True)
-        out_d[q0 : q0 + query_block] = best_d.gather(1, order).clamp_min_(0.0)
-        out_i[q0 : q0 + query_block] = best_i.gather(1, order)
+                best_d, best_i = _merge_dense(None, None, d, c0, k)
+                continue
+            tau = best_d.amax(1, keepdim=True)
+            flat = (d < tau).view(-1).nonzero().squeeze(1)
+            if flat.numel() == 0:
+                continue
+            if flat.numel() * 8 > d.numel():  # many candidates: a plain top-K of the block
+                best_d, best_i = _merge_dense(best_d, best_i, d, c0, k)
+                continue
+            width = c1 - c0
+            rows = torch.div(flat, width, rounding_mode="floor")
+            counts = torch.bincount(rows, minlength=nq)
+            # slot of each candidate within its row's padded list (flat is row-major sorted)
+            slot = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
+            cols = flat - rows * width
+            pad = int(counts.max())
+            target = rows * pad + slot
+            cand_d = d.new_full((nq * pad,), float("inf")).index_copy_(0, target, d.view(-1).index_select(0, flat)).view(nq, pad)
+            cand_i = torch.zeros(nq * pad, dtype=torch.long, device=device).index_copy_(0, target, cols + c0).view(nq, pad)
+            best_d, pos = torch.topk(torch.cat([best_d, cand_d], 1), k, dim=1, largest=False, sorted=False)
+            best_i = torch.cat([best_i, cand_i], 1).gather(1, pos)
+        rank = best_d.argsort(dim=1)
+        best_d = best_d.gather(1, rank) + q.pow(2).sum(1, keepdim=True)
+        best_i = best_i.gather(1, rank)
+        out_d[q0 : q0 + nq] = best_d.clamp_min_(0.0)
+        out_i[q0 : q0 + nq] = best_i if order is None else order[best_i]
     return SearchResult(out_d, out_i)
+
+
+def _merge_dense(
+    best_d: torch.Tensor | None, best_i: torch.Tensor | None, d: torch.Tensor, c0: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-K updated with a full top-K selection of one distance block."""
+    blk_d, blk_i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=False)
+    blk_i = blk_i + c0
+    if best_d is None or best_i is None:
+        return blk_d, blk_i
+    cat_d = torch.cat([best_d, blk_d], 1)
+    best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False, sorted=False)
+    return best_d, torch.cat([best_i, blk_i], 1).gather(1, pos)
 
 
 def _import_faiss():
