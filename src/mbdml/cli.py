@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import math
 import sys
 from pathlib import Path
@@ -148,6 +149,12 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
         g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")
     g.add_argument("--seed", type=int, default=S, help="base seed (run r of a comparison uses seed + r)")
+    if single_run:
+        g = p.add_argument_group("several processes (torch.distributed; see docs/distributed.md)")
+        g.add_argument("--nproc", type=int, default=S, help="train with N processes on this machine: runs 'torchrun --standalone --nproc_per_node N -m mbdml train ...' (batch_size is per process)")
+        g.add_argument("--sync_bn", type=str2bool, default=S, help="with several CUDA processes: BatchNorm statistics over the global batch (default False)")
+        g.add_argument("--dist_timeout", type=finite_float, default=S, help="seconds a process waits for the others before stopping (default 600)")
+    g = p.add_argument_group("run")
     g.add_argument("--device", choices=DEVICES, default=S, help="cpu, cuda, mps or auto (default)")
     g.add_argument("--gpu_id", type=int, default=S, help="the authors' flag: train on cuda:GPU_ID")
     g.add_argument("--deterministic", type=str2bool, default=S, help="deterministic algorithms (slower; exact reruns)")
@@ -199,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Preset (or --config file) < explicit flags. Returns a RunConfig, not yet resolved."""
     from .config import RunConfig, make_config
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs", "nproc")}
     if "gpu_id" in given:
         gpu = given.pop("gpu_id")
         if given.get("device", "cuda") not in ("cuda", "auto"):
@@ -253,20 +260,53 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``mbdml train`` again under torchrun with ``nproc`` processes on this machine."""
+    import subprocess
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    rest: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "mbdml", *rest]
+    print("launching: " + " ".join(cmd[1:]), file=sys.stderr)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
+    from .distributed import launched_by_torchrun
     from .train import Trainer, resume
 
+    nproc = getattr(args, "nproc", 1)
+    if nproc != 1 and not launched_by_torchrun():
+        return launch_torchrun(nproc, argv)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
     if hasattr(args, "resume"):
-        extra = sorted(k for k in vars(args) if k not in ("command", "quiet", "resume", "progress", "device"))
+        extra = sorted(k for k in vars(args) if k not in ("command", "quiet", "resume", "progress", "device", "nproc"))
         if extra:
             raise ConfigError(f"--resume continues a run with its saved configuration; drop {', '.join('--' + e for e in extra)}")
         result = resume(args.resume)
     else:
         cfg = config_from_args(args)
         trainer = Trainer(cfg)
-        print(f"run folder: {trainer.run_dir}", file=sys.stderr)
+        if main_rank:
+            print(f"run folder: {trainer.run_dir}", file=sys.stderr)
         result = trainer.run()
-    print(format_summary_table(result.summary))
+    if main_rank:
+        print(format_summary_table(result.summary))
     return 0
 
 
@@ -378,10 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        commands = {"train": cmd_train, "compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed}
+        if args.command == "train":
+            return cmd_train(args, list(sys.argv[1:] if argv is None else argv))
+        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed}
         return commands[args.command](args)
     except MbdmlError as exc:
-        print(f"mbdml: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"mbdml: error{'' if rank is None else f' (rank {rank})'}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mbdml: interrupted; the last finished epoch is saved: continue with 'mbdml train --resume RUN_DIR'", file=sys.stderr)

@@ -95,6 +95,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
+    sync_bn: bool = False  # several CUDA processes: BatchNorm statistics over the global batch
+    dist_timeout: float = 600.0  # seconds a process waits for the others before giving up
     save_dir: str = "runs"
     name: str | None = None
     progress: bool = True
@@ -130,6 +132,7 @@ class RunConfig:
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
         positive("sigma", self.sigma, "pass --sigma 10 (the paper's value)")
         positive("learning_rate", self.learning_rate, "pass e.g. --learning_rate 1e-3")
+        positive("dist_timeout", self.dist_timeout, "pass e.g. --dist_timeout 600 (seconds)")
         if self.alpha < 0 or not math.isfinite(self.alpha):
             raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
         for name in ("scale_mixup", "beta", "weight_decay", "momentum"):

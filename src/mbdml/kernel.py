@@ -165,6 +165,22 @@ class NNGKClassifier(nn.Module):
         else:
             self.train_neighbours = torch.zeros(0, 0, dtype=torch.long, device=centres.device)
 
+    @torch.no_grad()
+    def set_training_neighbours(self, neighbours: torch.Tensor) -> None:
+        """Store training neighbour lists computed elsewhere (e.g. a shard per process).
+
+        ``neighbours`` is (N, K') with K' = min(K, N - 1) centre indices per centre, its
+        own index excluded, as :meth:`set_centres` would have computed them.
+        """
+        self._require_centres()
+        n = self.num_centres
+        k = effective_k(self.k, n, 1)
+        if neighbours.shape != (n, k):
+            raise ValueError(f"training neighbours must be ({n}, {k}), got {tuple(neighbours.shape)}")
+        if k and (int(neighbours.min()) < 0 or int(neighbours.max()) >= n):
+            raise ValueError("training neighbour indices must lie in [0, number of centres)")
+        self.train_neighbours = neighbours.to(device=self.centres.device, dtype=torch.long).clone()
+
     def update_centres(self, indices: torch.Tensor, embeddings: torch.Tensor, momentum: float = 0.0) -> None:
         """Move the centres of these images towards their latest embeddings (a memory bank).
 

@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__
+from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint, save_json
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -236,6 +237,7 @@ class Trainer:
         self.data = data
         self.history: list[dict[str, Any]] = []
         self._log_handler: logging.Handler | None = None
+        self.dist = dist_utils.SINGLE
 
     # ------------------------------------------------------------- building
     def _build(self) -> None:
@@ -244,17 +246,23 @@ class Trainer:
         self.model, self.kernel, self.method = build_components(cfg, data.train.channels, len(data.classes), pretrained=cfg.pretrained)
         self.model.to(self.device)
         self.method.to(self.device)
+        if cfg.sync_bn and self.dist.enabled:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # The training forward may be compiled; it shares its parameters with self.model,
         # which is what is evaluated and saved.
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
-        self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        # Mixup pairs are drawn inside each process's slice of the batch, from its own generator.
+        self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000003 * self.dist.rank)
 
     def _build_optimizer(self) -> None:
         params = [p for p in list(self.model.parameters()) + list(self.method.parameters()) if p.requires_grad]
         self.optimizer = make_optimizer(self.cfg, params)
+        # The step runs through DistributedDataParallel when there are several processes;
+        # it is built here, once the kernel weights exist.
+        self.step_fn = dist_utils.wrap_step(self.model, self.method, self.train_model, self.device, self.dist)
 
     def _loader(self):
         from .data.batches import Augmentation, BatchLoader
@@ -273,6 +281,7 @@ class Trainer:
             device=self.device,
             generator=self.data_gen,
             channels_last=cfg.channels_last,
+            shard=(self.dist.rank, self.dist.world_size),
         )
 
     # --------------------------------------------------------- centres, eval
@@ -310,22 +319,43 @@ class Trainer:
         """Recompute every centre and the training neighbour lists; returns seconds.
 
         With ``recalibrate_bn`` (ours) BatchNorm statistics are first re-estimated on the
-        labelled images, so the eval-mode centres match the train-mode embeddings.
+        labelled images, so the eval-mode centres match the train-mode embeddings. With
+        several processes each embeds and searches for its shard of the labelled images
+        and one all-gather gives every process the same centres and neighbour lists.
         """
         t0 = time.perf_counter()
         if self.cfg.recalibrate_bn and not self.cfg.freeze_bn:
             self._recalibrate_bn()
+            dist_utils.average_batchnorm_stats_(self.model, self.dist)
+        labels = self.data.train.labels.to(self.device)
         with torch.no_grad():
-            centres = self._embed(self.data.train.images)
-            self.kernel.set_centres(centres, self.data.train.labels.to(self.device), len(self.data.classes))
+            if not self.dist.enabled:
+                self.kernel.set_centres(self._embed(self.data.train.images), labels, len(self.data.classes))
+                return time.perf_counter() - t0
+            from .neighbours import knn_search
+
+            part = self.dist.shard(len(self.data.train))
+            centres = dist_utils.all_gather_rows(self._embed(self.data.train.images[part]), self.dist)
+            self.kernel.set_centres(centres, labels, len(self.data.classes), train_neighbours=False)
+            own = torch.arange(part.start, part.stop, device=centres.device)
+            local = knn_search(centres[part], centres, self.kernel.k, exclude=own, backend=self.kernel.search_backend).indices
+            self.kernel.set_training_neighbours(dist_utils.all_gather_rows(local, self.dist))
         return time.perf_counter() - t0
 
     def evaluate_split(self, images_set: Any, retrieval: bool) -> dict[str, Any]:
+        """Metrics of one split. With several processes each embeds its shard, the
+        embeddings are gathered once and rank 0's metrics are shared with the others."""
         if len(images_set) == 0:
             return {}
-        emb = self._embed(images_set.images)
+        if not self.dist.enabled:
+            emb = self._embed(images_set.images)
+        else:
+            emb = dist_utils.all_gather_rows(self._embed(images_set.images[self.dist.shard(len(images_set))]), self.dist)
         self._last_embeddings = emb
-        return evaluate_embeddings(self.kernel, emb, images_set.labels.to(self.device), knn_k=self.cfg.knn_k, retrieval=retrieval, seed=self.cfg.seed)
+        metrics = None
+        if self.dist.is_main:
+            metrics = evaluate_embeddings(self.kernel, emb, images_set.labels.to(self.device), knn_k=self.cfg.knn_k, retrieval=retrieval, seed=self.cfg.seed)
+        return dist_utils.broadcast_object(metrics, self.dist)
 
     # -------------------------------------------------------------- the loop
     def train_epoch(self, epoch: int, total_steps: int) -> dict[str, Any]:
@@ -338,14 +368,14 @@ class Trainer:
         sums: dict[str, torch.Tensor | float] = {}
         correct = seen = 0
         steps = len(loader)
-        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", enabled=cfg.progress, leave=False)
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", enabled=cfg.progress and self.dist.is_main, leave=False)
         for i, batch in enumerate(bar):
             step = epoch * steps + i
             lr = learning_rate_at(cfg, step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with self._autocast():
-                out = self.method(self.train_model, batch.images, batch.labels, batch.indices, self.mix_gen)
+                out = self.step_fn(batch.images, batch.labels, batch.indices, self.mix_gen)
             if not torch.isfinite(out.loss):
                 raise TrainingError(
                     f"the loss became {out.loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
@@ -360,8 +390,10 @@ class Trainer:
             if out.predictions is not None:
                 correct += (out.predictions == out.targets).sum()
                 seen += out.targets.numel()
-        row: dict[str, Any] = {k: float(v) / max(1, steps) for k, v in sums.items()}
-        row["train_acc"] = float(correct) / seen if seen else None
+        totals = dist_utils.sum_scalars({k: float(v) for k, v in sums.items()} | {"_correct": float(correct), "_seen": float(seen)}, self.dist)
+        correct, seen = totals.pop("_correct"), totals.pop("_seen")
+        row: dict[str, Any] = {k: v / max(1, steps * self.dist.world_size) for k, v in totals.items()}
+        row["train_acc"] = correct / seen if seen else None
         row["lr"] = lr if steps else cfg.learning_rate
         return row
 
@@ -375,6 +407,10 @@ class Trainer:
             "data_gen": self.data_gen.get_state(),
             "mix_gen": self.mix_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "world_size": self.dist.world_size,
+            # each process draws its own Mixup pairs: all their generator states
+            "mix_gen_ranks": dist_utils.gather_objects(self.mix_gen.get_state(), self.dist),
+            "torch_rng_ranks": dist_utils.gather_objects(torch.get_rng_state(), self.dist),
             "history": self.history,
             "best": best,
             "centres_fresh": centres_fresh,
@@ -389,22 +425,58 @@ class Trainer:
             self.method.load_state_dict(state["method"])
             self._build_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
+            saved_world = int(state.get("world_size", 1))
+            if saved_world != self.dist.world_size:
+                raise CheckpointError(
+                    f"{self.run_dir} was trained with {saved_world} process(es) and is resumed with {self.dist.world_size}; "
+                    f"the batches would differ: resume with {saved_world} process(es)"
+                )
             self.data_gen.set_state(state["data_gen"])
-            self.mix_gen.set_state(state["mix_gen"])
-            torch.set_rng_state(state["torch_rng"])
+            self.mix_gen.set_state(state.get("mix_gen_ranks", [state["mix_gen"]])[self.dist.rank])
+            torch.set_rng_state(state.get("torch_rng_ranks", [state["torch_rng"]])[self.dist.rank])
+        except CheckpointError:
+            raise
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{self.run_dir / 'last.pt'} does not match this run's configuration ({exc}); start a new run instead of --resume") from None
         self.history = list(state["history"])
         return int(state["epoch"]), dict(state["best"]), bool(state.get("centres_fresh", False))
 
     def run(self) -> RunResult:
-        """Train (or resume), evaluate, save; returns the summary."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._start_log_file()
+        """Train (or resume), evaluate, save; returns the summary.
+
+        Under torchrun (WORLD_SIZE > 1) this process joins the job first; see
+        :mod:`mbdml.distributed` for what is shared between the processes.
+        """
+        self.dist = dist_utils.init_distributed(self.device.type if self.cfg.device != "auto" else resolve_device("auto").type, self.cfg.dist_timeout)
         try:
-            return self._run()
+            if self.dist.enabled:
+                self._join_job()
+            if self.dist.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self._start_log_file()
+            try:
+                return self._run()
+            except Exception as exc:
+                if self.dist.enabled and dist_utils.is_collective_failure(exc):
+                    raise dist_utils.lost_peer_error(exc, self.dist, self.run_dir) from None
+                raise
+            finally:
+                self._stop_log_file()
         finally:
-            self._stop_log_file()
+            dist_utils.shutdown(self.dist)
+
+    def _join_job(self) -> None:
+        """Per-process device, logging and the run folder chosen by rank 0."""
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if not self.dist.is_main:
+            log.setLevel(logging.WARNING)
+        self.run_dir = Path(dist_utils.broadcast_object(str(self.run_dir), self.dist))
+        if self.cfg.centre_momentum is not None:
+            raise ConfigError("--centre_momentum (a memory bank of centres) is not supported with several processes yet; drop it, or train with one process")
+        if self.cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm); on CPUs each process keeps its own BatchNorm batch statistics")
 
     def _run(self) -> RunResult:
         cfg = self.cfg
@@ -420,14 +492,20 @@ class Trainer:
                 "centres (its own is never used) and each query all %d. Pass --k %d or less to silence this.",
                 cfg.k, n_centres, n_centres - 1, n_centres, max(1, n_centres - 1),
             )
+        if self.dist.enabled and n_centres < cfg.batch_size * self.dist.world_size:
+            raise ConfigError(
+                f"the {n_centres} labelled training images do not fill one global batch of {self.dist.world_size} processes x "
+                f"--batch_size {cfg.batch_size}; lower --batch_size or start fewer processes"
+            )
         seed_everything(cfg.seed, cfg.deterministic)
         self._build()
         if self.resume:
             start_epoch, best, centres_fresh = self._restore()
             log.info("resuming %s after epoch %d", self.run_dir, start_epoch)
         else:
-            cfg.save(self.run_dir / "config.json")
-            save_json(environment_info() | {"device": str(self.device)}, self.run_dir / "environment.json")
+            if self.dist.is_main:
+                cfg.save(self.run_dir / "config.json")
+                save_json(environment_info() | {"device": str(self.device), "world_size": self.dist.world_size}, self.run_dir / "environment.json")
             self.refresh_centres()
             self._build_optimizer()  # after the first refresh: the kernel weights exist now
             start_epoch, best = 0, {}
@@ -467,9 +545,11 @@ class Trainer:
             row["refresh_s"] = refresh_s
             row["epoch_s"] = time.perf_counter() - t0
             self.history.append(row)
-            save_checkpoint(self._state(epoch + 1, best, centres_fresh), self.run_dir / "last.pt")
-            write_csv(self.history, self.run_dir / "metrics.csv")
-            self._tensorboard(row)
+            state = self._state(epoch + 1, best, centres_fresh)  # a collective: every process builds it
+            if self.dist.is_main:
+                save_checkpoint(state, self.run_dir / "last.pt")
+                write_csv(self.history, self.run_dir / "metrics.csv")
+                self._tensorboard(row)
             log.info(
                 "epoch %d/%d  loss %.4f  train %s  val %s  test %s  (%.1fs)",
                 epoch + 1, cfg.max_epochs, row["loss"], _fmt(row.get("train_acc")), _fmt(row.get("val_acc")), _fmt(row.get("test_acc")), row["epoch_s"],
@@ -477,8 +557,9 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(row)
         summary = self._summarise(best, time.perf_counter() - t_start)
-        save_json(summary, self.run_dir / "summary.json")
-        self._plots()
+        if self.dist.is_main:
+            save_json(summary, self.run_dir / "summary.json")
+            self._plots()
         return RunResult(self.run_dir, summary, self.history)
 
     def _keep_tsne_frame(self, epoch: int) -> None:
@@ -495,6 +576,7 @@ class Trainer:
         val_acc = row.get("val_acc")
         if val_acc is not None and val_acc > best.get("val_acc", -1.0):
             best.update(val_acc=val_acc, val_epoch=row["epoch"])
+        if val_acc is not None and best.get("val_epoch") == row["epoch"] and self.dist.is_main:
             save_checkpoint(
                 {"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(), "classes": list(self.data.classes), "config": self.cfg.to_dict()},
                 self.run_dir / "best.pt",
@@ -532,6 +614,7 @@ class Trainer:
             },
             "seconds": seconds,
             "train_seconds_per_epoch": sum(train_times) / len(train_times) if train_times else None,
+            "processes": self.dist.world_size,
             "run_dir": str(self.run_dir),
         }
 

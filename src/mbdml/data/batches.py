@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from mbdml.distributed import shard_slice
 from mbdml.errors import ConfigError, DataError
 
 __all__ = ["Augmentation", "augment_batch", "normalize_batch", "Batch", "BatchLoader", "PADDING_MODES"]
@@ -175,6 +176,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         generator: torch.Generator | None = None,
         channels_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if images.dim() != 4:
             raise DataError(f"BatchLoader needs (N, C, H, W) images, got shape {tuple(images.shape)}")
@@ -198,10 +200,19 @@ class BatchLoader:
         self.device = torch.device(device)
         self.generator = generator
         self.channels_last = bool(channels_last)
+        self.rank, self.world_size = shard if shard is not None else (0, 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"shard {shard} must be (rank, world_size) with 0 <= rank < world_size")
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per step over all processes: ``batch_size`` each."""
+        return self.batch_size * self.world_size
 
     def __len__(self) -> int:
         n = int(self.images.shape[0])
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        b = self.global_batch_size
+        return n // b if self.drop_last else math.ceil(n / b)
 
     def epoch_order(self) -> torch.Tensor:
         """The sample order of the next epoch (draws from the generator when shuffling)."""
@@ -214,14 +225,20 @@ class BatchLoader:
     def __iter__(self) -> Iterator[Batch]:
         order = self.epoch_order()
         src_dev = self.images.device
+        b = self.global_batch_size
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            idx = order[i * b : (i + 1) * b]
             src_idx = idx.to(src_dev)
             x = self.images.index_select(0, src_idx).to(self.device, non_blocking=True)
             y = self.labels.index_select(0, src_idx.to(self.labels.device)).to(self.device, non_blocking=True)
             if self.augmentation is not None:
+                # drawn for the whole global batch, so every process draws the same numbers
                 x = augment_batch(x, self.augmentation, self.generator)
+            if self.world_size > 1:  # this process's slice of the global batch
+                part = shard_slice(idx.shape[0], self.rank, self.world_size)
+                x, y, idx = x[part], y[part], idx[part]
             x = normalize_batch(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield Batch(images=x, labels=y, indices=idx.to(self.device))
+
