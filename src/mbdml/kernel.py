@@ -297,21 +297,23 @@ class NNGKClassifier(nn.Module):
     def _neighbour_logits(self, f: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """log k_j(f_b) = theta_j - ||f_b - c_j||^2 / (2 sigma^2) for j = idx[b, :].
 
-        Expanded as theta_j - ||c_j||^2 / 2s^2 (one per-centre term, gathered once)
-        - ||f_b||^2 / 2s^2 + f_b . c_j / s^2, so no (N, N) matrix and no (B, K, D)
-        tensor is built: the dot products come from one small matrix product then a
-        gather when the centres are few, or from :class:`_GatheredDot` otherwise.
+        Expanded as theta_j - ||c_j||^2 / 2s^2 - ||f_b||^2 / 2s^2 + f_b . c_j / s^2, so
+        no (N, N) matrix and no (B, K, D) tensor is built: the dot products come from
+        one small matrix product then a gather when the centres are few, or from
+        :class:`_GatheredDot` otherwise. Only B x K entries of the per-centre terms are
+        gathered, so a step costs nothing in proportion to N (millions of centres).
         """
         centres = self.centres
         inv = 1.0 / (2.0 * self.sigma**2)
         b, k = idx.shape
-        centre_term = self.log_weights - inv * self._centre_sq_norms()
         if centres.shape[0] <= 8 * k:  # few centres: one small matrix product beats gathering
             dots = (f @ centres.t()).gather(1, idx)
         else:
             dots = _GatheredDot.apply(f, centres, idx)
-        f_term = inv * f.pow(2).sum(1, keepdim=True)
-        return centre_term.index_select(0, flat).view(b, k) - f_term + (2.0 * inv) * dots
+        centre_sq = self._centre_sq_norms().index_select(0, flat).view(b, k)
+        theta = self.log_weights.index_select(0, flat).view(b, k)
+        f_sq = f.pow(2).sum(1, keepdim=True)
+        return theta - inv * (centre_sq + f_sq - 2.0 * dots)
 
     def predict_log_proba(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Log probabilities (B, C) using the K nearest of all centres (test time)."""
