@@ -126,3 +126,50 @@ def test_every_method_lowers_its_loss(name):
     for _ in range(30):
         epoch_loss(True)
     assert epoch_loss(False) < before
+
+
+def test_label_smoothing_nll_matches_torch_cross_entropy():
+    from mbdml.methods import smoothed_nll
+
+    g = torch.Generator().manual_seed(5)
+    logits, y = torch.randn(7, 4, generator=g), torch.randint(0, 4, (7,), generator=g)
+    for eps in (0.0, 0.1, 0.3):
+        assert smoothed_nll(F.log_softmax(logits, 1), y, eps).item() == pytest.approx(F.cross_entropy(logits, y, label_smoothing=eps).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        MethodOptions(label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("rule", ["sample", "union"])
+def test_semi_supervised_loss_matches_its_formula(rule):
+    """b NNGK(x) + w NNGK(u, pseudo labels) + s [lam NLL(x~, y) + (1 - lam) NLL(x~, y_u)], x~ = lam x + (1 - lam) u."""
+    from mbdml.methods import PseudoBatch
+    from mbdml.mixup import sample_lambda
+
+    s, b, w = 0.7, 1.3, 0.4
+    method, model, x, y, kernel = make("mbdml_semi", scale_mixup=s, beta=b, pseudo_weight=w, mixed_neighbours=rule)
+    g = torch.Generator().manual_seed(8)
+    idx = torch.arange(6)
+    u = torch.randn(6, 5, generator=g)
+    with torch.no_grad():
+        nb_u = kernel.neighbours(model(u))
+    y_u = torch.randint(0, NUM_CLASSES, (6,), generator=g)
+    out = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4), pseudo=PseudoBatch(u, y_u, nb_u))
+    lam = sample_lambda(1.0, torch.Generator().manual_seed(4))
+    fm = model(lam * x[:6] + (1 - lam) * u)
+    own = kernel.train_neighbours[idx]
+    if rule == "sample":
+        mixed = lam * nll_spec(fm, y[:6], kernel, own) + (1 - lam) * nll_spec(fm, y_u, kernel, own)
+    else:  # per sample: the union of both lists without duplicates and without the labelled image's own centre
+        terms = []
+        for i in range(6):
+            used = sorted(set(own[i].tolist()) | set(nb_u[i].tolist()) - {i})
+            nb = torch.tensor([used])
+            terms.append(lam * nll_spec(fm[i : i + 1], y[i : i + 1], kernel, nb) + (1 - lam) * nll_spec(fm[i : i + 1], y_u[i : i + 1], kernel, nb))
+        mixed = torch.stack(terms).mean()
+    expected = b * nll_spec(model(x[:6]), y[:6], kernel, own) + w * nll_spec(model(u), y_u, kernel, nb_u) + s * mixed
+    assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert set(out.parts) >= {"nngk", "pseudo_nngk", "mixup_nngk"}
+    # without pseudo-labelled images it is MbDML3
+    plain = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4))
+    m3 = build_method("mbdml3", kernel, DIM, NUM_CLASSES, MethodOptions(scale_mixup=s, beta=b, mixed_neighbours=rule))
+    assert plain.loss.item() == pytest.approx(m3(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4)).loss.item(), rel=1e-6)

@@ -169,3 +169,25 @@ def test_tensorboard_scalars_when_installed_and_nothing_lost_without(tmp_path, m
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
     res = train(small(tmp_path, method="nngk", max_epochs=1, name="notb"))
     assert (res.run_dir / "metrics.csv").is_file() and not (res.run_dir / "tensorboard").exists()
+
+
+def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tmp_path):
+    opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=1, pseudo_start=1, pseudo_threshold=0.5, tta_flip=True, deterministic=True)
+    full = train(small(tmp_path, name="full", **opts))
+    rows = full.history
+    assert "pseudo_n" not in rows[0]  # the warm-up epoch: labelled images only
+    assert all(r["pseudo_n"] > 0 and 0 <= r["pseudo_label_acc"] <= 1 and r["pseudo_nngk"] > 0 for r in rows[1:])
+    data = prepare_data(small(tmp_path))
+    assert rows[1]["pseudo_n"] <= data.unlabelled_count == len(data.unlabelled)
+    # the hidden labels never reach training: only the labelled and validation images carry them
+    assert len(data.unlabelled) + len(data.train) + len(data.val) == 1347
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
+    resumed = resume(tmp_path / "cut")
+    keys = ("loss", "pseudo_n", "val_acc", "test_acc")
+    assert [[r.get(k) for k in keys] for r in resumed.history] == [[r.get(k) for k in keys] for r in rows]

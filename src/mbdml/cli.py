@@ -127,6 +127,12 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
     g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
     g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
+    g.add_argument("--label_smoothing", type=finite_float, default=S, help="label smoothing epsilon for the NNGK and cross-entropy terms (default 0)")
+
+    g = p.add_argument_group("semi-supervised (method mbdml_semi: the unlabelled images get pseudo-labels)")
+    g.add_argument("--pseudo_threshold", type=finite_float, default=S, help="kernel-classifier confidence an unlabelled image needs to be used (default 0.9)")
+    g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based) that uses pseudo-labels; labelled images only before (default: a quarter of the epochs)")
+    g.add_argument("--pseudo_weight", type=finite_float, default=S, help="weight of the pseudo-labelled images' NNGK loss (default 1)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
@@ -145,6 +151,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--knn_k", type=int, default=S, help="k of the plain k-NN accuracy (default 10)")
     g.add_argument("--retrieval_metrics", type=str2bool, default=S, help="compute precision@1, MAP@R, NMI (default True)")
     g.add_argument("--tsne_graph", type=str2bool, default=S, help="draw t-SNE plots of train and test embeddings (True/False)")
+    g.add_argument("--tta_flip", type=str2bool, default=S, help="centres and evaluation embeddings averaged with the mirror image's (default False)")
     if single_run:
         g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
         g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")

@@ -73,6 +73,11 @@ class RunConfig:
     beta: float = 1.0
     mixup_head: str = "linear"
     mixed_neighbours: str = "sample"
+    label_smoothing: float = 0.0  # for the NNGK and cross-entropy terms
+    # semi-supervised (method mbdml_semi): pseudo-labels from the kernel classifier
+    pseudo_threshold: float = 0.9  # keep an unlabelled image when its top class probability reaches this
+    pseudo_start: int | None = None  # first epoch (0-based) with pseudo-labels; None: a quarter of max_epochs
+    pseudo_weight: float = 1.0  # weight of the pseudo-labelled images' NNGK loss
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -91,6 +96,7 @@ class RunConfig:
     knn_k: int = 10
     retrieval_metrics: bool = True
     tsne_graph: bool = False
+    tta_flip: bool = False  # centres and test embeddings: mean of the image's and its mirror image's embeddings
     # run
     seed: int = 0
     device: str = "auto"
@@ -133,6 +139,10 @@ class RunConfig:
         positive("sigma", self.sigma, "pass --sigma 10 (the paper's value)")
         positive("learning_rate", self.learning_rate, "pass e.g. --learning_rate 1e-3")
         positive("dist_timeout", self.dist_timeout, "pass e.g. --dist_timeout 600 (seconds)")
+        if not 0 < self.pseudo_threshold <= 1:
+            raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}; pass --pseudo_threshold 0.9, say")
+        if self.pseudo_start is not None and self.pseudo_start < 0:
+            raise ConfigError(f"pseudo_start must be an epoch >= 0, got {self.pseudo_start}")
         if self.alpha < 0 or not math.isfinite(self.alpha):
             raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
         for name in ("scale_mixup", "beta", "weight_decay", "momentum"):
@@ -179,6 +189,8 @@ class RunConfig:
             cfg.scale_mixup = default_scale_mixup(cfg.preset, cfg.method)
         if cfg.eval_every is None:
             cfg.eval_every = cfg.update_interval
+        if cfg.pseudo_start is None:
+            cfg.pseudo_start = cfg.max_epochs // 4
         if cfg.name is None:
             cfg.name = f"{cfg.method}-{Path(cfg.dataset).name or cfg.dataset}-seed{cfg.seed}-run{cfg.run}"
         return cfg.validate()

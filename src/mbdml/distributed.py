@@ -210,14 +210,14 @@ class StepModule(torch.nn.Module):
         self.method = method
         self._train_model = train_model  # a torch.compile'd view of model, sharing its parameters
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None = None) -> Any:
-        return self.method(self._train_model or self.model, images, labels, indices, generator)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None = None, **extra: Any) -> Any:
+        return self.method(self._train_model or self.model, images, labels, indices, generator, **extra)
 
 
 def wrap_step(model: torch.nn.Module, method: torch.nn.Module, train_model: Any, device: torch.device, ctx: DistContext) -> Any:
     """A callable ``step(images, labels, indices, generator) -> LossOutput``, data-parallel when ``ctx`` is."""
     if not ctx.enabled:
-        return lambda images, labels, indices, generator=None: method(train_model, images, labels, indices, generator)
+        return lambda images, labels, indices, generator=None, **extra: method(train_model, images, labels, indices, generator, **extra)
     from torch.nn.parallel import DistributedDataParallel
 
     step = StepModule(model, method, train_model if train_model is not model else None)

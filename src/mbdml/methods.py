@@ -49,6 +49,8 @@ class MethodOptions:
     mixup_head: str = "linear"  # "linear": h is a linear layer; "features": the authors' raw features as logits
     mixed_neighbours: str = "sample"  # neighbours of a mixed sample: "sample" (N_i), "union" (N_i u N_p(i)), "search"
     centre_momentum: float | None = None  # None: centres only change at refresh (SPEC); m: c_i <- m c_i + (1 - m) f_i after each step
+    label_smoothing: float = 0.0  # epsilon of label smoothing, for the NNGK and the cross-entropy terms
+    pseudo_weight: float = 1.0  # mbdml_semi: weight of the NNGK loss of the pseudo-labelled images
 
     def __post_init__(self) -> None:
         if self.mixup_head not in MIXUP_HEADS:
@@ -59,6 +61,10 @@ class MethodOptions:
             raise ConfigError(f"alpha must be >= 0 (0 turns mixing off), got {self.alpha}; pass --alpha 1")
         if self.centre_momentum is not None and not 0 <= self.centre_momentum < 1:
             raise ConfigError(f"centre_momentum must be in [0, 1) (or none), got {self.centre_momentum}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}; pass --label_smoothing 0.1, say")
+        if self.pseudo_weight < 0:
+            raise ConfigError(f"pseudo_weight must be >= 0, got {self.pseudo_weight}")
         if self.scale_mixup < 0 or self.beta < 0:
             raise ConfigError(f"loss weights must be >= 0, got scale_mixup={self.scale_mixup}, beta={self.beta}")
 
@@ -76,6 +82,26 @@ class LossOutput:
 EmbeddingModel = Callable[[torch.Tensor], torch.Tensor]
 
 
+def smoothed_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """NLL of log-probabilities with label smoothing: (1 - e) NLL + e * mean over classes of -log p."""
+    nll = F.nll_loss(log_probs, labels)
+    if smoothing == 0.0:
+        return nll
+    return (1.0 - smoothing) * nll - smoothing * log_probs.mean(1).mean()
+
+
+@dataclass
+class PseudoBatch:
+    """Unlabelled images with pseudo-labels from the kernel classifier (``mbdml_semi``).
+
+    ``neighbours`` are each image's K nearest centres, found when it was pseudo-labelled.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    neighbours: torch.Tensor
+
+
 class Method(nn.Module):
     """Base class: owns the kernel classifier (used by every method for evaluation)."""
 
@@ -83,6 +109,7 @@ class Method(nn.Module):
     uses_kernel_loss: ClassVar[bool] = False  # kernel weights are trained
     uses_mixup: ClassVar[bool] = False
     needs_clean_pass: ClassVar[bool] = True
+    uses_unlabelled: ClassVar[bool] = False  # the trainer feeds it pseudo-labelled images
 
     def __init__(self, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> None:
         super().__init__()
@@ -114,11 +141,17 @@ class Method(nn.Module):
         both = model(torch.cat([images, mixed.inputs]))
         return both[: images.shape[0]], both[images.shape[0] :]
 
+    def _nll(self, log_p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return smoothed_nll(log_p, labels, self.options.label_smoothing)
+
+    def _ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=self.options.label_smoothing)
+
     def _nngk_clean(self, f: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_p = self.kernel.log_probs(f, self.kernel.training_neighbours(indices))
         if self.training and self.options.centre_momentum is not None:
             self.kernel.update_centres(indices, f.detach(), self.options.centre_momentum)
-        return F.nll_loss(log_p, labels), log_p.detach().argmax(1)
+        return self._nll(log_p, labels), log_p.detach().argmax(1)
 
     def _mixed_neighbour_lists(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Neighbour lists (and a validity mask) for the mixed samples."""
@@ -141,7 +174,7 @@ class Method(nn.Module):
     def _mixed_nngk(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         nbrs, valid = self._mixed_neighbour_lists(f_mixed, indices, mixed)
         log_p = self.kernel.log_probs(f_mixed, nbrs, valid)
-        return mixed_loss(F.nll_loss, log_p, mixed.labels_a, mixed.labels_b, mixed.lam), log_p.detach().argmax(1)
+        return mixed_loss(self._nll, log_p, mixed.labels_a, mixed.labels_b, mixed.lam), log_p.detach().argmax(1)
 
 
 def _dominant_labels(mixed: MixedBatch) -> torch.Tensor:
@@ -185,7 +218,7 @@ class SoftmaxMethod(_HeadMixin, Method):
 
     def forward(self, model, images, labels, indices, generator=None):
         logits = self.head(model(images))
-        loss = F.cross_entropy(logits, labels)
+        loss = self._ce(logits, labels)
         return LossOutput(loss, {"ce": loss.detach()}, logits.detach().argmax(1), labels)
 
 
@@ -202,7 +235,7 @@ class MixupMethod(_HeadMixin, Method):
 
     def _mixup_ce(self, f_mixed: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(f_mixed)
-        return mixed_loss(F.cross_entropy, logits, mixed.labels_a, mixed.labels_b, mixed.lam), logits.detach().argmax(1)
+        return mixed_loss(self._ce, logits, mixed.labels_a, mixed.labels_b, mixed.lam), logits.detach().argmax(1)
 
     def forward(self, model, images, labels, indices, generator=None):
         mixed = mixup_batch(images, labels, self.options.alpha, generator)
@@ -258,6 +291,53 @@ class MbDML3(Method):
         term, _ = self._mixed_nngk(f_mixed, indices, mixed)
         loss = self.options.beta * nngk + self.options.scale_mixup * term
         return LossOutput(loss, {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "lam": mixed.lam}, pred, labels)
+
+
+class MbDMLSemi(MbDML3):
+    """MbDML3 that also learns from unlabelled images pseudo-labelled by the kernel classifier.
+
+    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch), each
+    labelled image x_i is mixed with the pseudo-labelled image u_i:
+
+        b * NNGK(x) + w * NNGK(u, pseudo labels) + s * [lam NLL(G(f(x~), N), y) + (1 - lam) NLL(G(f(x~), N), y_u)]
+
+    with x~ = lam x + (1 - lam) u. N is the labelled sample's training list
+    (``mixed_neighbours`` "sample"), or the union of both images' lists ("union" and
+    "search"; the labelled image's own centre is always left out). Before any image
+    is pseudo-labelled (the warm-up) it is exactly MbDML3. The trainer picks the
+    confident images at each refresh (``pseudo_threshold``, ``pseudo_start``).
+    """
+
+    name = "mbdml_semi"
+    uses_unlabelled = True
+
+    def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
+        if pseudo is None or pseudo.images.shape[0] == 0:
+            return super().forward(model, images, labels, indices, generator)
+        b = images.shape[0]
+        if pseudo.images.shape[0] != b:
+            raise ValueError(f"the pseudo-labelled batch has {pseudo.images.shape[0]} images, the labelled one {b}: they must match")
+        from .mixup import sample_lambda
+
+        lam = sample_lambda(self.options.alpha, generator)
+        mixed_inputs = images * lam + pseudo.images * (1.0 - lam)
+        f_all = model(torch.cat([images, pseudo.images, mixed_inputs]))
+        f, f_u, f_mixed = f_all[:b], f_all[b : 2 * b], f_all[2 * b :]
+        nngk, pred = self._nngk_clean(f, labels, indices)
+        nngk_u = self._nll(self.kernel.log_probs(f_u, pseudo.neighbours), pseudo.labels)
+        own = self.kernel.training_neighbours(indices)
+        if self.options.mixed_neighbours == "sample":
+            nbrs, valid = own, None
+        else:
+            nbrs, _ = torch.cat([own, pseudo.neighbours], 1).sort(dim=1)
+            valid = torch.ones_like(nbrs, dtype=torch.bool)
+            valid[:, 1:] = nbrs[:, 1:] != nbrs[:, :-1]
+            valid &= nbrs != indices.unsqueeze(1)
+        log_p = self.kernel.log_probs(f_mixed, nbrs, valid)
+        term = mixed_loss(self._nll, log_p, labels, pseudo.labels, lam)
+        loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
+        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_nngk": term.detach(), "lam": lam}
+        return LossOutput(loss, parts, pred, labels)
 
 
 class MetricLearningBaseline(Method):
@@ -327,6 +407,7 @@ METHODS: dict[str, type[Method]] = {
         MbDML1,
         MbDML2,
         MbDML3,
+        MbDMLSemi,
         SoftmaxMethod,
         ContrastiveBaseline,
         ProxyAnchorBaseline,
@@ -336,6 +417,7 @@ METHODS: dict[str, type[Method]] = {
     )
 }
 PAPER_METHODS = ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")
+SEMI_SUPERVISED = ("mbdml_semi",)
 BASELINES = ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")
 
 

@@ -158,6 +158,10 @@ class PreparedData:
     test: Any  # ImageSet
     classes: list[str]
     unlabelled_count: int
+    # The training images whose labels are hidden. Only a semi-supervised method trains on
+    # them (with pseudo-labels); their true labels are used for nothing but a logged
+    # diagnostic: how many of the pseudo-labels are right.
+    unlabelled: Any = None
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
@@ -187,7 +191,14 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         test=test,
         classes=list(train_all.classes),
         unlabelled_count=len(train_all) - len(labelled),
+        unlabelled=train_all.subset(_complement(len(train_all), labelled)),
     )
+
+
+def _complement(n: int, chosen: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.as_tensor(chosen, dtype=torch.long)] = False
+    return keep.nonzero().reshape(-1)
 
 
 def build_components(cfg: RunConfig, in_channels: int, num_classes: int, pretrained: str | bool | None = None) -> tuple[EmbeddingNet, NNGKClassifier, Method]:
@@ -201,6 +212,8 @@ def build_components(cfg: RunConfig, in_channels: int, num_classes: int, pretrai
         mixup_head=cfg.mixup_head,
         mixed_neighbours=cfg.mixed_neighbours,
         centre_momentum=cfg.centre_momentum,
+        label_smoothing=cfg.label_smoothing,
+        pseudo_weight=cfg.pseudo_weight,
     )
     method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
     return model, kernel, method
@@ -238,6 +251,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._log_handler: logging.Handler | None = None
         self.dist = dist_utils.SINGLE
+        # (unlabelled indices, pseudo-labels, neighbour lists) of the confident images; None before the first labelling
+        self.pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------- building
     def _build(self) -> None:
@@ -300,6 +315,7 @@ class Trainer:
                 mean=self.cfg.mean,
                 std=self.cfg.std,
                 channels_last=self.cfg.channels_last,
+                flip_average=self.cfg.tta_flip,
             )
 
     def _recalibrate_bn(self) -> None:
@@ -342,6 +358,65 @@ class Trainer:
             self.kernel.set_training_neighbours(dist_utils.all_gather_rows(local, self.dist))
         return time.perf_counter() - t0
 
+    # ------------------------------------------------------------ pseudo-labels
+    def pseudo_label(self) -> dict[str, Any]:
+        """Label the unlabelled images with the kernel classifier; keep the confident ones.
+
+        Each unlabelled image gets its K nearest centres, the kernel classifier's class
+        probabilities and, when the top probability reaches ``pseudo_threshold``, that
+        class as its pseudo-label (kept until the next refresh). With several processes
+        each labels its shard and the results are gathered.
+        """
+        cfg, unl = self.cfg, self.data.unlabelled
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.pseudo = (empty, empty, torch.zeros(0, self.kernel.k, dtype=torch.long, device=self.device))
+        if unl is None or len(unl) == 0:
+            return {"pseudo_n": 0}
+        part = self.dist.shard(len(unl)) if self.dist.enabled else slice(0, len(unl))
+        idx_all, lab_all, conf_all, nb_all = [], [], [], []
+        block = 4096
+        with torch.no_grad():
+            for start in range(part.start, part.stop, block):
+                stop = min(part.stop, start + block)
+                emb = self._embed(unl.images[start:stop])
+                nbrs = self.kernel.neighbours(emb)
+                log_p = self.kernel.log_probs(emb, nbrs)
+                conf, lab = log_p.exp().max(1)
+                idx_all.append(torch.arange(start, stop, device=self.device))
+                lab_all.append(lab)
+                conf_all.append(conf)
+                nb_all.append(nbrs)
+        gather = lambda xs: dist_utils.all_gather_rows(torch.cat(xs), self.dist)  # noqa: E731
+        idx, lab, conf, nbrs = gather(idx_all), gather(lab_all), gather(conf_all), gather(nb_all)
+        keep = conf >= cfg.pseudo_threshold
+        self.pseudo = (idx[keep], lab[keep], nbrs[keep])
+        n = int(keep.sum())
+        right = float((unl.labels.to(self.device)[idx[keep]] == lab[keep]).float().mean()) if n else None
+        return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean())}
+
+    def _pseudo_batch(self, batch_size: int) -> Any:
+        """A random batch of pseudo-labelled images, augmented like the labelled ones
+        (drawn for the global batch, then this process's slice)."""
+        from .data.batches import Augmentation, augment_batch, normalize_batch
+        from .methods import PseudoBatch
+
+        if self.pseudo is None or self.pseudo[0].numel() == 0:
+            return None
+        idx, lab, nbrs = self.pseudo
+        cfg = self.cfg
+        total = batch_size * self.dist.world_size
+        pick = torch.randint(0, idx.numel(), (total,), generator=self.data_gen).to(self.device)
+        if self.dist.enabled:
+            pick = pick[self.dist.shard(total)]
+        images = self.data.unlabelled.images.index_select(0, idx[pick].cpu()).to(self.device)
+        aug = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding)
+        if aug.active:
+            images = augment_batch(images, aug, self.data_gen)
+        x = normalize_batch(images, cfg.mean, cfg.std)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return PseudoBatch(x, lab[pick], nbrs[pick])
+
     def evaluate_split(self, images_set: Any, retrieval: bool) -> dict[str, Any]:
         """Metrics of one split. With several processes each embeds its shard, the
         embeddings are gathered once and rank 0's metrics are shared with the others."""
@@ -374,8 +449,11 @@ class Trainer:
             lr = learning_rate_at(cfg, step, total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            extra = {}
+            if self.method.uses_unlabelled:
+                extra["pseudo"] = self._pseudo_batch(batch.images.shape[0])
             with self._autocast():
-                out = self.step_fn(batch.images, batch.labels, batch.indices, self.mix_gen)
+                out = self.step_fn(batch.images, batch.labels, batch.indices, self.mix_gen, **extra)
             if not torch.isfinite(out.loss):
                 raise TrainingError(
                     f"the loss became {out.loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good checkpoint "
@@ -414,6 +492,7 @@ class Trainer:
             "history": self.history,
             "best": best,
             "centres_fresh": centres_fresh,
+            "pseudo": None if self.pseudo is None else [self.pseudo[0].cpu(), self.pseudo[1].cpu(), self.pseudo[2].int().cpu()],
             "classes": list(self.data.classes),
             "config": self.cfg.to_dict(),
         }
@@ -439,6 +518,9 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{self.run_dir / 'last.pt'} does not match this run's configuration ({exc}); start a new run instead of --resume") from None
         self.history = list(state["history"])
+        if state.get("pseudo") is not None:
+            idx, lab, nbrs = state["pseudo"]
+            self.pseudo = (idx.to(self.device), lab.to(self.device), nbrs.long().to(self.device))
         return int(state["epoch"]), dict(state["best"]), bool(state.get("centres_fresh", False))
 
     def run(self) -> RunResult:
@@ -522,6 +604,10 @@ class Trainer:
             if epoch % cfg.update_interval == 0 and not centres_fresh:
                 refresh_s = self.refresh_centres()
             row = {"epoch": epoch + 1}
+            if self.method.uses_unlabelled and epoch >= cfg.pseudo_start and (epoch % cfg.update_interval == 0 or self.pseudo is None):
+                t_pl = time.perf_counter()
+                row.update(self.pseudo_label())
+                refresh_s += time.perf_counter() - t_pl
             row.update(self.train_epoch(epoch, total_steps))
             train_s = time.perf_counter() - t0
             centres_fresh = False
