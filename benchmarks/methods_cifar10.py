@@ -1,10 +1,13 @@
 """The five methods side by side on the CIFAR-10 archive with 10% of the labels.
 
-Same data split, backbone, schedule and epochs for every method; one seed. Prints the
-final-model and best-on-validation test accuracy (NNGK classifier) and the training wall
-time per epoch, as a table and a JSON file.
+Same data split, backbone, schedule and epochs for every method; each seed draws its
+own labelled split. Prints the final-model and best-on-validation test accuracy (NNGK
+classifier), mean and standard deviation over the seeds, the training time per run and
+per epoch, as a table and a JSON file.
 
     python benchmarks/methods_cifar10.py --epochs 12 --out results/methods_cifar10.json
+    python benchmarks/methods_cifar10.py --methods mbdml3,nngk,mixup --seeds 0,1,2 --epochs 30 \
+        --set optimizer=sgd schedule=onecycle learning_rate=0.1 label_smoothing=0.1
 
 The figures depend on the machine's load: run nothing else beside it.
 """
@@ -27,7 +30,7 @@ def main() -> None:
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--methods", default="nngk,mixup,mbdml1,mbdml2,mbdml3")
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each draws its own labelled split")
     p.add_argument("--eval_every", type=int, default=4)
     p.add_argument("--save_dir", default="results/methods_cifar10")
     p.add_argument("--out", default="results/methods_cifar10.json")
@@ -35,32 +38,47 @@ def main() -> None:
     args = p.parse_args()
 
     extra = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in args.set)}
-    base = dict(dataset=args.dataset, max_epochs=args.epochs, seed=args.seed, eval_every=args.eval_every, save_dir=args.save_dir, progress=False, **extra)
-    data = prepare_data(make_config(**base))
+    seeds = [int(x) for x in args.seeds.split(",")]
+    base = dict(dataset=args.dataset, max_epochs=args.epochs, eval_every=args.eval_every, save_dir=args.save_dir, progress=False, **extra)
     rows = []
-    for method in args.methods.split(","):
-        cfg = make_config(method=method, name=method, **base)
-        t0 = time.perf_counter()
-        res = Trainer(cfg, data=data, run_dir=Path(args.save_dir) / method).run()
-        s = res.summary
-        rows.append({
-            "method": method,
-            "final_nngk_acc": s["final"]["nngk_acc"],
-            "final_knn_acc": s["final"]["knn_acc"],
-            "best_val_nngk_acc": s["best_val"]["nngk_acc"],
-            "train_s_per_epoch": s["train_seconds_per_epoch"],
-            "wall_s": time.perf_counter() - t0,
-        })
-        print(f"{method}: final {100 * s['final']['nngk_acc']:.2f}%  ({s['train_seconds_per_epoch']:.1f} s/epoch training)", flush=True)
+    for seed in seeds:
+        data = prepare_data(make_config(seed=seed, **base))
+        for method in args.methods.split(","):
+            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, **base)
+            t0 = time.perf_counter()
+            res = Trainer(cfg, data=data, run_dir=Path(args.save_dir) / f"{method}-seed{seed}").run()
+            s = res.summary
+            rows.append({
+                "method": method,
+                "seed": seed,
+                "final_nngk_acc": s["final"]["nngk_acc"],
+                "final_knn_acc": s["final"]["knn_acc"],
+                "best_val_nngk_acc": s["best_val"]["nngk_acc"],
+                "train_s_per_epoch": s["train_seconds_per_epoch"],
+                "train_s": s["train_seconds_per_epoch"] * s["epochs"],
+                "wall_s": time.perf_counter() - t0,
+            })
+            print(f"{method} seed {seed}: final {100 * s['final']['nngk_acc']:.2f}%  ({rows[-1]['train_s'] / 60:.1f} min training)", flush=True)
 
-    print(f"\n{args.dataset}, {len(data.train)} labelled training images, {args.epochs} epochs, seed {args.seed}, torch threads {torch.get_num_threads()}")
-    print("| method | final NNGK acc | final k-NN acc | best-on-val NNGK acc | train s/epoch | wall s |")
+    def stats(values: list[float]) -> str:
+        values = [100 * v for v in values if v is not None]
+        if not values:
+            return "-"
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return f"{mean:.2f} ± {std:.2f}"
+
+    print(f"\n{args.dataset}, {len(data.train)} labelled training images, {args.epochs} epochs, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
+    print(f"settings: {json.dumps(extra)}")
+    print("| method | final NNGK acc | final k-NN acc | best-on-val NNGK acc | train min/run | train s/epoch |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['method']} | {100 * r['final_nngk_acc']:.2f} | {100 * r['final_knn_acc']:.2f} | {100 * (r['best_val_nngk_acc'] or float('nan')):.2f} | {r['train_s_per_epoch']:.1f} | {r['wall_s']:.0f} |")
+    for method in args.methods.split(","):
+        mine = [r for r in rows if r["method"] == method]
+        minutes = sum(r["train_s"] for r in mine) / len(mine) / 60
+        per_epoch = sum(r["train_s_per_epoch"] for r in mine) / len(mine)
+        print(f"| {method} | {stats([r['final_nngk_acc'] for r in mine])} | {stats([r['final_knn_acc'] for r in mine])} | {stats([r['best_val_nngk_acc'] for r in mine])} | {minutes:.1f} | {per_epoch:.1f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"epochs": args.epochs, "seed": args.seed, "rows": rows, "config": base}, indent=2))
-
+    Path(args.out).write_text(json.dumps({"epochs": args.epochs, "seeds": seeds, "rows": rows, "config": base}, indent=2))
 
 if __name__ == "__main__":
     main()
