@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .neighbours import effective_k, knn_search
+from .neighbours import effective_k, knn_search, self_knn
 
 
 class _GatheredDot(torch.autograd.Function):
@@ -160,8 +160,7 @@ class NNGKClassifier(nn.Module):
         self.centres = centres.clone()
         self.centre_labels = labels.detach().long().to(centres.device).clone()
         if train_neighbours:
-            own = torch.arange(n, device=centres.device)
-            self.train_neighbours = knn_search(centres, centres, self.k, exclude=own, backend=self.search_backend).indices
+            self.train_neighbours = self_knn(centres, self.k, backend=self.search_backend).indices
         else:
             self.train_neighbours = torch.zeros(0, 0, dtype=torch.long, device=centres.device)
 

@@ -7,6 +7,10 @@ few tens of thousands of centres. Here the search runs in blocks of queries and 
 of centres, keeping a running top-K, so peak memory is about
 ``query_block x centre_block + queries x K`` whatever N is.
 
+:func:`knn_search` finds the nearest centres of any queries; :func:`self_knn` finds the
+nearest other centres of every centre (the training neighbour lists), computing each
+pair of centres once (d(i, j) = d(j, i)).
+
 Backends:
 
 - ``"torch"``: exact, blocked matrix products (any device).
@@ -25,6 +29,7 @@ from .errors import ConfigError
 
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
 FIRST_BLOCK = 2048
+SELF_BLOCK = 4096
 
 
 @dataclass
@@ -73,7 +78,7 @@ def knn_search(
     exclude: torch.Tensor | None = None,
     backend: str = "torch",
     query_block: int = 2048,
-    centre_block: int = 8192,
+    centre_block: int = 2048,
     nprobe: int = 16,
 ) -> SearchResult:
     """The k nearest centres of each query by squared Euclidean distance.
@@ -109,91 +114,400 @@ def _search_torch(
     exclude: torch.Tensor | None,
     query_block: int,
     centre_block: int,
+    first_block: int | None = None,
+    pending: int | None = None,
 ) -> SearchResult:
     """Exact blocked search with a running K-th-distance filter.
 
     Each block of queries meets the centres block by block. A running top-K is kept per
     query, and with it the K-th best distance so far: in a new block only the entries
-    below it can enter, so after the first block a cheap comparison replaces a full
-    top-K selection (the same idea as a heap in faiss). The centres are visited in a
-    fixed pseudo-random order, so the filter tightens quickly even when the data came
-    sorted by class. Distance blocks are written into one reused buffer.
+    below it can enter, so after a small first block (a full top-K selection) a cheap
+    comparison replaces a selection (the same idea as a heap in faiss), and the few
+    entries that pass wait in pending slots until a row has gathered enough of them to
+    be worth a selection (see :class:`_RunningTopK`). The centres are visited in a fixed
+    pseudo-random order, so the filter tightens quickly even when the data came sorted
+    by class. Distance blocks are written into one reused buffer.
     """
     queries = queries.detach()
     centres = centres.detach()
     n = centres.shape[0]
+    nq_all = queries.shape[0]
     device = queries.device
     order = None
     if n > centre_block:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
-        centres = centres.index_select(0, order)
         if exclude is not None:
             position = torch.empty_like(order)
             position[order] = torch.arange(n, device=device)
             exclude = torch.where(exclude >= 0, position[exclude.clamp_min(0)], exclude)
-    sq_norms = centres.pow(2).sum(1)
-    out_d = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=device)
-    out_i = torch.empty(queries.shape[0], k, dtype=torch.long, device=device)
-    first = min(n, max(4 * k, FIRST_BLOCK))  # a small first block sets the filter cheaply
-    bounds = [0, first] + list(range(first + centre_block, n, centre_block)) + [n]
-    bounds = sorted(set(bounds))
-    work = queries.new_empty(min(query_block, queries.shape[0]) * max(b - a for a, b in zip(bounds, bounds[1:])))
-    for q0 in range(0, queries.shape[0], query_block):
-        q = queries[q0 : q0 + query_block]
+    # [q, |q|^2, 1] . [-2 c, 1, |c|^2] = |q - c|^2 in one matrix product.
+    left = _augmented(queries, None, "left")
+    right = _augmented(centres, order, "right")
+    first = min(n, max(4 * k, FIRST_BLOCK) if first_block is None else first_block)
+    bounds = sorted(set([0, first] + list(range(first + centre_block, n, centre_block)) + [n]))
+    width = max(b - a for a, b in zip(bounds, bounds[1:]))
+    state = _RunningTopK(nq_all, k, max(8, k // 2) if pending is None else pending, min(query_block, nq_all) * width, device)
+    for q0 in range(0, nq_all, query_block):
+        q = left[q0 : q0 + query_block]
         nq = q.shape[0]
         ex = None if exclude is None else exclude[q0 : q0 + query_block]
-        best_d = best_i = None
         for c0, c1 in zip(bounds, bounds[1:]):
-            # ||c||^2 - 2 q.c ranks the centres like the full distance (||q||^2 is the
-            # same along a row), so the query norms are added to the k winners only.
-            d = work[: nq * (c1 - c0)].view(nq, c1 - c0)
-            torch.addmm(sq_norms[c0:c1].unsqueeze(0), q, centres[c0:c1].t(), beta=1.0, alpha=-2.0, out=d)
+            d = state.work[: nq * (c1 - c0)].view(nq, c1 - c0)
+            torch.mm(q, right[c0:c1].t(), out=d)
             if ex is not None:
                 local = ex - c0
                 inside = (local >= 0) & (local < c1 - c0) & (ex >= 0)
                 rows = torch.arange(nq, device=device).unsqueeze(1).expand_as(local)
                 d[rows[inside], local[inside]] = float("inf")
-            if best_d is None:
-                best_d, best_i = _merge_dense(None, None, d, c0, k)
-                continue
-            tau = best_d.amax(1, keepdim=True)
-            flat = (d < tau).view(-1).nonzero().squeeze(1)
-            if flat.numel() == 0:
-                continue
-            if flat.numel() * 8 > d.numel():  # many candidates: a plain top-K of the block
-                best_d, best_i = _merge_dense(best_d, best_i, d, c0, k)
-                continue
-            width = c1 - c0
-            rows = torch.div(flat, width, rounding_mode="floor")
-            counts = torch.bincount(rows, minlength=nq)
-            # slot of each candidate within its row's padded list (flat is row-major sorted)
-            slot = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, rows)
-            cols = flat - rows * width
-            pad = int(counts.max())
-            target = rows * pad + slot
-            cand_d = d.new_full((nq * pad,), float("inf")).index_copy_(0, target, d.view(-1).index_select(0, flat)).view(nq, pad)
-            cand_i = torch.zeros(nq * pad, dtype=torch.long, device=device).index_copy_(0, target, cols + c0).view(nq, pad)
-            best_d, pos = torch.topk(torch.cat([best_d, cand_d], 1), k, dim=1, largest=False, sorted=False)
-            best_i = torch.cat([best_i, cand_i], 1).gather(1, pos)
-        rank = best_d.argsort(dim=1)
-        best_d = best_d.gather(1, rank) + q.pow(2).sum(1, keepdim=True)
-        best_i = best_i.gather(1, rank)
-        out_d[q0 : q0 + nq] = best_d.clamp_min_(0.0)
-        out_i[q0 : q0 + nq] = best_i if order is None else order[best_i]
-    return SearchResult(out_d, out_i)
+            state.update(d, q0, c0, columns=False)
+    return state.result(None, order)
 
 
-def _merge_dense(
-    best_d: torch.Tensor | None, best_i: torch.Tensor | None, d: torch.Tensor, c0: int, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-K updated with a full top-K selection of one distance block."""
-    blk_d, blk_i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=False)
-    blk_i = blk_i + c0
-    if best_d is None or best_i is None:
-        return blk_d, blk_i
-    cat_d = torch.cat([best_d, blk_d], 1)
-    best_d, pos = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False, sorted=False)
-    return best_d, torch.cat([best_i, blk_i], 1).gather(1, pos)
+# --------------------------------------------------------------------------- self search
+
+
+@dataclass(frozen=True)
+class SelfSearchPlan:
+    """How :func:`self_knn` cuts N centres into tiles, and what it keeps in memory.
+
+    The centres (in a shuffled order) are split at ``bounds``; every tile (I, J) with
+    J >= I is computed once. Besides the centres (two augmented shuffled copies,
+    2 N (D + 2) float32) it keeps the running state, (N, K + P) distances
+    (float32) and indices (int32), and one tile of distances with its bool mask; the
+    final (N, K) distances and int64 indices are written beside the state.
+    """
+
+    n: int
+    k: int
+    dim: int
+    bounds: tuple[int, ...]
+    pending: int
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        """(N, K + P): K kept entries and P pending slots per centre."""
+        return (self.n, self.k + self.pending)
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        side = max([b - a for a, b in zip(self.bounds, self.bounds[1:])] or [0])
+        return (side, side)
+
+    @property
+    def tile_elements(self) -> int:
+        return self.tile_shape[0] * self.tile_shape[1]
+
+    @property
+    def num_tiles(self) -> int:
+        nb = len(self.bounds) - 1
+        return nb * (nb + 1) // 2
+
+    def extra_bytes(self) -> int:
+        """Planned peak bytes beyond the caller's centres: the centre copies, then either
+        the state with one tile and its mask (during the search) or the state with the
+        (N, K) result (at the end), whichever is larger."""
+        state = 8 * self.n * (self.k + self.pending)
+        tile = self.tile_elements
+        copies = 8 * self.n * (self.dim + 2)
+        return copies + state + max(5 * tile + 8, 12 * self.n * self.k)
+
+
+def default_self_block(device: torch.device | str) -> int:
+    """Tile side for :func:`self_knn`: cache-sized tiles on a CPU, larger ones on a GPU
+    (fewer kernel launches and host synchronisations)."""
+    return 16384 if torch.device(device).type == "cuda" else SELF_BLOCK
+
+
+def plan_self_knn(
+    n: int,
+    k: int,
+    dim: int = 0,
+    block: int | None = None,
+    first_block: int | None = None,
+    pending: int | None = None,
+    device: torch.device | str = "cpu",
+) -> SelfSearchPlan:
+    """Tile boundaries and state size for a self search of n centres (k already capped,
+    see :func:`effective_k`).
+
+    A smaller first tile fills every row's top-K cheaply (a full top-K selection); the
+    following tiles only pass entries below each row's running K-th distance.
+    """
+    block = default_self_block(device) if block is None else int(block)
+    first_block = max(FIRST_BLOCK, 4 * k) if first_block is None else int(first_block)
+    pending = max(8, k // 2) if pending is None else int(pending)
+    if block < 1 or first_block < 1 or pending < 1:
+        raise ValueError(f"block sizes and pending slots must be positive, got block={block}, first_block={first_block}, pending={pending}")
+    first = min(n, first_block)
+    bounds = [0, first] + list(range(first + block, n, block)) + [n]
+    return SelfSearchPlan(n=n, k=k, dim=dim, bounds=tuple(sorted(set(bounds))), pending=pending)
+
+
+def self_knn(
+    centres: torch.Tensor,
+    k: int,
+    *,
+    backend: str = "torch",
+    block: int | None = None,
+    first_block: int | None = None,
+    pending: int | None = None,
+    nprobe: int = 16,
+) -> SearchResult:
+    """The k nearest OTHER centres of each centre (its own index excluded), nearest first.
+
+    Used at every centre refresh for the training neighbour lists. Returns squared
+    Euclidean distances (N, k') and indices (N, k') with k' = :func:`effective_k`
+    (k, N, 1): with k >= N every other centre is returned.
+
+    The torch backend is exact and uses symmetry, d(i, j) = d(j, i): the centres are cut
+    into tiles and only the tiles (I, J) with J >= I are computed (one matrix product
+    each, about half the arithmetic of a plain search). Each tile updates the running
+    top-K of rows I (a threshold per row) and of rows J (a threshold per column of the
+    same tile, so no transposed copy is made). Memory: the (N, k) state plus one tile,
+    never N x N; see :func:`plan_self_knn`. The faiss backends search the centres
+    against themselves with the own index excluded (:func:`knn_search`).
+
+    Args:
+        centres: (N, D) float.
+        k: neighbours wanted per centre.
+        backend: ``"torch"``, ``"faiss"`` or ``"faiss-ivf"``.
+        block: tile side (torch); default 4096 on a CPU, 16384 on a GPU.
+        first_block: side of the first tile (torch); default max(2048, 4 k).
+        pending: candidate slots per centre between two top-K selections (torch);
+            default k / 2.
+        nprobe: inverted lists visited per query (``"faiss-ivf"``).
+    """
+    if backend not in SEARCH_BACKENDS:
+        raise ConfigError(f"unknown neighbour search backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
+    if centres.dim() != 2:
+        raise ValueError(f"centres must be (N, D), got shape {tuple(centres.shape)}")
+    n = centres.shape[0]
+    k_eff = effective_k(k, n, 1)
+    if k_eff == 0:
+        empty = centres.new_zeros((n, 0), dtype=torch.float32)
+        return SearchResult(empty, empty.long())
+    if backend != "torch":
+        own = torch.arange(n, device=centres.device)
+        return knn_search(centres, centres, k, exclude=own, backend=backend, nprobe=nprobe)
+    with torch.autocast(device_type=centres.device.type, enabled=False):  # exact float32 ranking
+        plan = plan_self_knn(n, k_eff, centres.shape[1], block, first_block, pending, centres.device)
+        return _self_knn_torch(centres.detach().float(), plan)
+
+
+@torch.no_grad()
+def _self_knn_torch(centres: torch.Tensor, plan: SelfSearchPlan) -> SearchResult:
+    """Symmetric blocked self search; see :func:`self_knn`.
+
+    Everything runs in the shuffled order (rows and indices); only the final
+    (N, k) result is mapped back to the caller's order.
+    """
+    n, dim = centres.shape
+    k = plan.k
+    device = centres.device
+    bounds = plan.bounds
+    order = None
+    if len(bounds) > 2:  # a fixed pseudo-random visiting order: thresholds tighten early on sorted data
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    # [c_i, |c_i|^2, 1] . [-2 c_j, 1, |c_j|^2] = |c_i - c_j|^2: one product gives the full,
+    # symmetric distance, which both the row and the column thresholds compare against.
+    left = _augmented(centres, order, "left")
+    right = _augmented(centres, order, "right")
+    del centres
+    state = _RunningTopK(n, k, plan.pending, plan.tile_elements, device)
+    nb = len(bounds) - 1
+    for a in range(nb):
+        for b in range(a, nb):
+            # The first block meets every other block while those rows still hold no
+            # neighbour: compute that tile transposed, so their full top-K selection
+            # runs along contiguous rows; the first block's rows take the columns.
+            p, q = (b, a) if a == 0 and b > 0 else (a, b)
+            r0, r1, c0, c1 = bounds[p], bounds[p + 1], bounds[q], bounds[q + 1]
+            d = state.work[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            torch.mm(left[r0:r1], right[c0:c1].t(), out=d)
+            if p == q:
+                d.fill_diagonal_(float("inf"))  # a centre is not its own neighbour
+            state.update(d, r0, c0, columns=False)
+            if p != q:
+                state.update(d, c0, r0, columns=True)
+    del left, right
+    return state.result(order, order)
+
+
+def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: int = 1 << 16) -> torch.Tensor:
+    """The rows ``x[order]`` augmented, built chunk by chunk (no full-size temporary):
+    ``side="left"`` gives [x, |x|^2, 1], ``"right"`` gives [-2 x, 1, |x|^2], so the product
+    of a left row with a right row is the squared distance of the two points."""
+    n, dim = x.shape
+    out = x.new_empty(n, dim + 2)
+    for s in range(0, n, chunk):
+        rows = x[s : s + chunk] if order is None else x.index_select(0, order[s : s + chunk])
+        sq = rows.pow(2).sum(1)
+        if side == "left":
+            out[s : s + chunk, :dim] = rows
+            out[s : s + chunk, dim] = sq
+            out[s : s + chunk, dim + 1] = 1.0
+        else:
+            torch.mul(rows, -2.0, out=out[s : s + chunk, :dim])
+            out[s : s + chunk, dim] = 1.0
+            out[s : s + chunk, dim + 1] = sq
+    return out
+
+
+class _RunningTopK:
+    """Running top-K of every row (query or centre) during a blocked search, and its
+    updates from a tile of distances.
+
+    Each row of ``dist`` (float32) and ``idx`` (int32), in the shuffled order, holds
+    K kept entries (its best so far, unordered) then P pending slots. Candidates found
+    in a tile are appended to the pending slots; only when a row's slots would overflow
+    are its kept and pending entries folded into a new best K (a top-K selection), so
+    a row pays for a selection every P candidates rather than for every tile. ``tau``
+    is the largest kept distance of each row (inf until K centres were seen): a valid
+    bound on its final K-th distance, so nothing below the final K-th is ever missed.
+    Workspaces are allocated once and reused (fresh multi-megabyte tensors each tile
+    would cost page faults).
+    """
+
+    def __init__(self, n: int, k: int, pending: int, tile: int, device: torch.device) -> None:
+        self.n, self.k, self.p = n, k, pending
+        self.w = k + pending
+        self.dist = torch.full((n, self.w), float("inf"), dtype=torch.float32, device=device)
+        self.idx = torch.full((n, self.w), -1, dtype=torch.int32, device=device)
+        self.fill = torch.zeros(n, dtype=torch.long, device=device)
+        self.tau = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
+        self.work = torch.empty(tile, dtype=torch.float32, device=device)
+        self.mask = torch.zeros((tile + 7) // 8 * 8, dtype=torch.bool, device=device)
+
+    def update(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
+        """Offer tile ``d`` to rows r0.. (its rows) or, with ``columns``, to rows r0.. as
+        its columns (the tile read transposed); the other side's centres start at c0."""
+        nr = d.shape[1] if columns else d.shape[0]
+        tau = self.tau[r0 : r0 + nr]
+        if bool(torch.isinf(tau).any()):  # some rows have seen fewer than K centres
+            self._merge_dense(d, r0, c0, columns)
+            return
+        e = d.numel()
+        torch.lt(d, tau.unsqueeze(0) if columns else tau.unsqueeze(1), out=self.mask[:e].view(d.shape))
+        flat = _true_positions(self.mask, e)
+        if flat.numel() == 0:
+            return
+        if flat.numel() * 4 > e:  # many candidates: a plain top-K of the tile
+            self._merge_dense(d, r0, c0, columns)
+            return
+        width = d.shape[1]
+        i = torch.div(flat, width, rounding_mode="floor")
+        j = flat - i * width
+        if columns:  # group the candidates by column: a stable sort of small integer keys
+            key_type = torch.int16 if width <= 32767 else torch.int32
+            rows, perm = torch.sort(j.to(key_type), stable=True)
+            rows = rows.long()
+            flat = torch.take(flat, perm)
+            ids = torch.take(i, perm).add_(c0).to(torch.int32)
+        else:
+            rows, ids = i, j.add_(c0).to(torch.int32)
+        vals = torch.take(d, flat)
+        counts = torch.bincount(rows, minlength=nr)
+        fill = self.fill[r0 : r0 + nr]
+        over = (fill + counts) > self.p
+        if bool(over.any()):  # fold these rows' pending entries into their kept K first
+            self._compact(over.nonzero().squeeze(1) + r0)
+            if int(counts.max()) > self.p:  # a burst wider than the pending slots
+                self._merge_wide(r0, nr, rows, counts, vals, ids)
+                return
+        # Candidate m of row r goes to pending slot fill[r] + (m - first candidate of r).
+        offset = torch.arange(r0 * self.w + self.k, (r0 + nr) * self.w + self.k, self.w, device=rows.device)
+        offset += fill
+        offset -= torch.cumsum(counts, 0) - counts
+        target = offset.index_select(0, rows).add_(torch.arange(rows.numel(), device=rows.device))
+        self.dist.view(-1).index_copy_(0, target, vals)
+        self.idx.view(-1).index_copy_(0, target, ids)
+        fill += counts
+
+    def _compact(self, rows: torch.Tensor) -> None:
+        """Kept and pending entries of these rows -> their best K; pending slots emptied."""
+        sub_d = self.dist.index_select(0, rows)
+        sub_i = self.idx.index_select(0, rows)
+        best_d, pos = torch.topk(sub_d, self.k, dim=1, largest=False, sorted=False)
+        sub_i[:, : self.k] = sub_i.gather(1, pos)
+        sub_d[:, : self.k] = best_d
+        sub_d[:, self.k :] = float("inf")
+        self.dist.index_copy_(0, rows, sub_d)
+        self.idx.index_copy_(0, rows, sub_i)
+        self.fill.index_fill_(0, rows, 0)
+        self.tau.index_copy_(0, rows, best_d.amax(1))
+
+    def _store(self, r0: int, nr: int, cand_d: torch.Tensor, cand_i: torch.Tensor) -> None:
+        """The best K of each row among its kept and pending entries and (nr, m) candidates."""
+        rows_d = self.dist[r0 : r0 + nr]
+        rows_i = self.idx[r0 : r0 + nr]
+        best_d, pos = torch.topk(torch.cat([rows_d, cand_d], 1), self.k, dim=1, largest=False, sorted=False)
+        best_i = torch.cat([rows_i, cand_i], 1).gather(1, pos)
+        rows_d[:, : self.k] = best_d
+        rows_d[:, self.k :] = float("inf")
+        rows_i[:, : self.k] = best_i
+        self.fill[r0 : r0 + nr] = 0
+        torch.amax(best_d, 1, out=self.tau[r0 : r0 + nr])
+
+    def _merge_wide(self, r0: int, nr: int, rows: torch.Tensor, counts: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> None:
+        pad = int(counts.max())
+        offset = torch.arange(0, nr * pad, pad, device=rows.device) - (torch.cumsum(counts, 0) - counts)
+        target = offset.index_select(0, rows).add_(torch.arange(rows.numel(), device=rows.device))
+        cand_d = vals.new_full((nr * pad,), float("inf")).index_copy_(0, target, vals).view(nr, pad)
+        cand_i = ids.new_full((nr * pad,), -1).index_copy_(0, target, ids).view(nr, pad)
+        self._store(r0, nr, cand_d, cand_i)
+
+    def _merge_dense(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
+        dim = 0 if columns else 1
+        kk = min(self.k, d.shape[dim])
+        blk_d, blk_i = torch.topk(d, kk, dim=dim, largest=False, sorted=False)
+        if columns:
+            blk_d, blk_i = blk_d.t(), blk_i.t()
+        self._store(r0, blk_d.shape[0], blk_d, (blk_i + c0).to(torch.int32))
+
+    def result(self, row_order: torch.Tensor | None, id_order: torch.Tensor | None) -> SearchResult:
+        """Each row's best K sorted nearest first. Row s of the state belongs to row
+        ``row_order[s]`` of the output and index j to ``id_order[j]`` (None: identity)."""
+        n, k = self.n, self.k
+        del self.work, self.mask
+        chunk = max(1, (1 << 20) // self.w)
+        out_i = torch.empty(n, k, dtype=torch.long, device=self.idx.device)
+        for s in range(0, n, chunk):
+            best_d, pos = torch.topk(self.dist[s : s + chunk], k, dim=1, largest=False, sorted=True)
+            self.dist[s : s + chunk, :k] = best_d.clamp_min_(0.0)
+            ids = self.idx[s : s + chunk].gather(1, pos).long()
+            if id_order is not None:
+                ids = id_order[ids]
+            if row_order is None:
+                out_i[s : s + chunk] = ids
+            else:
+                out_i.index_copy_(0, row_order[s : s + chunk], ids)
+        del self.idx
+        out_d = torch.empty(n, k, dtype=torch.float32, device=self.dist.device)
+        for s in range(0, n, chunk):
+            if row_order is None:
+                out_d[s : s + chunk] = self.dist[s : s + chunk, :k]
+            else:
+                out_d.index_copy_(0, row_order[s : s + chunk], self.dist[s : s + chunk, :k])
+        del self.dist
+        return SearchResult(out_d, out_i)
+
+
+def _true_positions(mask: torch.Tensor, e: int) -> torch.Tensor:
+    """Positions of the True entries among the first e of a flat bool buffer, ascending.
+
+    When few are set, scanning 8-byte words first is several times cheaper than a
+    nonzero over the bytes; only the non-zero words are then decoded. ``mask`` must
+    hold a multiple of 8 entries.
+    """
+    e8 = (e + 7) // 8 * 8
+    if e8 > e:
+        mask[e:e8] = False
+    words = mask[:e8].view(torch.int64)
+    hit = words.nonzero().squeeze(1)
+    if hit.numel() * 4 > words.numel():  # dense: decoding word by word would cost more
+        return mask[:e].nonzero().squeeze(1)
+    byte = torch.take(words, hit).view(torch.bool).nonzero().squeeze(1)  # over the hit words' bytes
+    return torch.take(hit, byte >> 3).mul_(8).add_(byte & 7)
 
 
 def _import_faiss():
