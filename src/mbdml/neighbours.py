@@ -29,7 +29,7 @@ from .errors import ConfigError
 
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
 FIRST_BLOCK = 2048
-SELF_BLOCK = 4096
+SELF_BLOCK = 2048
 
 
 @dataclass
@@ -77,8 +77,8 @@ def knn_search(
     *,
     exclude: torch.Tensor | None = None,
     backend: str = "torch",
-    query_block: int = 2048,
-    centre_block: int = 2048,
+    query_block: int | None = None,
+    centre_block: int | None = None,
     nprobe: int = 16,
 ) -> SearchResult:
     """The k nearest centres of each query by squared Euclidean distance.
@@ -91,6 +91,9 @@ def knn_search(
             centre, or a mixed pair's two centres). Negative entries are ignored.
         backend: ``"torch"`` (exact, blocked), ``"faiss"`` (exact) or ``"faiss-ivf"``
             (approximate).
+        query_block, centre_block: block sizes of the torch backend; default 2048 x
+            2048 on a CPU (a distance block that stays in the last-level cache), 8192 x
+            8192 on a GPU.
     """
     if backend not in SEARCH_BACKENDS:
         raise ConfigError(f"unknown neighbour search backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
@@ -101,8 +104,9 @@ def knn_search(
         empty = queries.new_zeros((queries.shape[0], k_eff))
         return SearchResult(empty, empty.long())
     if backend == "torch":
+        big = 8192 if queries.device.type == "cuda" else 2048
         with torch.autocast(device_type=queries.device.type, enabled=False):  # exact float32 ranking
-            return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block, centre_block)
+            return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block or big, centre_block or big)
     return _search_faiss(queries, centres, k_eff, exclude, approximate=(backend == "faiss-ivf"), nprobe=nprobe)
 
 
@@ -215,7 +219,7 @@ class SelfSearchPlan:
 def default_self_block(device: torch.device | str) -> int:
     """Tile side for :func:`self_knn`: cache-sized tiles on a CPU, larger ones on a GPU
     (fewer kernel launches and host synchronisations)."""
-    return 16384 if torch.device(device).type == "cuda" else SELF_BLOCK
+    return 8192 if torch.device(device).type == "cuda" else SELF_BLOCK
 
 
 def plan_self_knn(
@@ -271,7 +275,7 @@ def self_knn(
         centres: (N, D) float.
         k: neighbours wanted per centre.
         backend: ``"torch"``, ``"faiss"`` or ``"faiss-ivf"``.
-        block: tile side (torch); default 4096 on a CPU, 16384 on a GPU.
+        block: tile side (torch); default 2048 on a CPU, 8192 on a GPU.
         first_block: side of the first tile (torch); default max(2048, 4 k).
         pending: candidate slots per centre between two top-K selections (torch);
             default k / 2.
