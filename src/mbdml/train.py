@@ -529,7 +529,7 @@ class Trainer:
         Under torchrun (WORLD_SIZE > 1) this process joins the job first; see
         :mod:`mbdml.distributed` for what is shared between the processes.
         """
-        self.dist = dist_utils.init_distributed(self.device.type if self.cfg.device != "auto" else resolve_device("auto").type, self.cfg.dist_timeout)
+        self.dist = dist_utils.init_distributed(self.device.type, self.cfg.dist_timeout)
         try:
             if self.dist.enabled:
                 self._join_job()
