@@ -173,6 +173,15 @@ def test_self_knn_duplicates():
         assert res.distances[i, :2].abs().max() < 1e-4
     for i in range(100, 400):
         assert res.indices[i, 0].item() == i + 400
+    spots = torch.randn(200, 6, generator=g)
+    c = spots.repeat(10, 1)  # 2,000 centres on 200 spots: ties everywhere in the first selection
+    res = self_knn(c, 30)
+    n = c.shape[0]
+    assert not (res.indices == torch.arange(n).unsqueeze(1)).any()
+    assert all(len(set(r.tolist())) == 30 for r in res.indices)
+    assert (res.distances[:, :9] < 1e-4).all() and (res.indices[:, :9] % 200 == torch.arange(n).unsqueeze(1) % 200).all()
+    dist, _ = brute_force_self(c, 30)
+    assert torch.allclose(res.distances.double(), dist, atol=1e-4)
     same = torch.zeros(50, 4)  # all identical: any 10 others are right
     res = self_knn(same, 10, block=8, first_block=8)
     assert not (res.indices == torch.arange(50).unsqueeze(1)).any()

@@ -28,7 +28,7 @@ import torch
 from .errors import ConfigError
 
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
-FIRST_BLOCK = 2048
+FIRST_BLOCK = 8192
 SELF_BLOCK = 2048
 
 
@@ -186,6 +186,7 @@ class SelfSearchPlan:
     dim: int
     bounds: tuple[int, ...]
     pending: int
+    block: int
 
     @property
     def state_shape(self) -> tuple[int, int]:
@@ -194,8 +195,10 @@ class SelfSearchPlan:
 
     @property
     def tile_shape(self) -> tuple[int, int]:
-        side = max([b - a for a, b in zip(self.bounds, self.bounds[1:])] or [0])
-        return (side, side)
+        """Largest tile: at most ``block`` rows (the first block is taken in slabs of
+        rows), as many columns as the widest block."""
+        widest = max([b - a for a, b in zip(self.bounds, self.bounds[1:])] or [0])
+        return (min(self.block, widest), widest)
 
     @property
     def tile_elements(self) -> int:
@@ -234,8 +237,10 @@ def plan_self_knn(
     """Tile boundaries and state size for a self search of n centres (k already capped,
     see :func:`effective_k`).
 
-    A smaller first tile fills every row's top-K cheaply (a full top-K selection); the
-    following tiles only pass entries below each row's running K-th distance.
+    The first block (``first_block`` centres, taken in slabs of ``block`` rows) is
+    every row's first selection, a full one made cheap by a tournament of group minima
+    (see :meth:`_RunningTopK._merge_tournament`); the following tiles, ``block`` wide,
+    only pass entries below each row's running K-th distance.
     """
     block = default_self_block(device) if block is None else int(block)
     first_block = max(FIRST_BLOCK, 4 * k) if first_block is None else int(first_block)
@@ -244,7 +249,7 @@ def plan_self_knn(
         raise ValueError(f"block sizes and pending slots must be positive, got block={block}, first_block={first_block}, pending={pending}")
     first = min(n, first_block)
     bounds = [0, first] + list(range(first + block, n, block)) + [n]
-    return SelfSearchPlan(n=n, k=k, dim=dim, bounds=tuple(sorted(set(bounds))), pending=pending)
+    return SelfSearchPlan(n=n, k=k, dim=dim, bounds=tuple(sorted(set(bounds))), pending=pending, block=block)
 
 
 def self_knn(
@@ -276,7 +281,7 @@ def self_knn(
         k: neighbours wanted per centre.
         backend: ``"torch"``, ``"faiss"`` or ``"faiss-ivf"``.
         block: tile side (torch); default 2048 on a CPU, 8192 on a GPU.
-        first_block: side of the first tile (torch); default max(2048, 4 k).
+        first_block: side of the first tile (torch); default max(8192, 4 k).
         pending: candidate slots per centre between two top-K selections (torch);
             default k / 2.
         nprobe: inverted lists visited per query (``"faiss-ivf"``).
@@ -318,18 +323,27 @@ def _self_knn_torch(centres: torch.Tensor, plan: SelfSearchPlan) -> SearchResult
     right = _augmented(centres, order, "right")
     del centres
     state = _RunningTopK(n, k, plan.pending, plan.tile_elements, device)
+    first, slab = bounds[1], plan.tile_shape[0]
+    # The first block against itself, in slabs of rows: every row's first selection.
+    for s0 in range(0, first, slab):
+        s1 = min(first, s0 + slab)
+        d = state.work[: (s1 - s0) * first].view(s1 - s0, first)
+        torch.mm(left[s0:s1], right[:first].t(), out=d)
+        d.diagonal(offset=s0).fill_(float("inf"))  # a centre is not its own neighbour
+        state.update(d, s0, 0, columns=False)
     nb = len(bounds) - 1
     for a in range(nb):
-        for b in range(a, nb):
-            # The first block meets every other block while those rows still hold no
-            # neighbour: compute that tile transposed, so their full top-K selection
-            # runs along contiguous rows; the first block's rows take the columns.
-            p, q = (b, a) if a == 0 and b > 0 else (a, b)
+        for b in range(max(a, 1), nb):
+            # Tile (a, b), b >= a. The first block meets every other block while those
+            # rows hold no neighbour yet: that tile is computed transposed, so their first
+            # selection runs along contiguous rows, and the first block's rows take the
+            # columns (a threshold per column of the same tile).
+            p, q = (b, a) if a == 0 else (a, b)
             r0, r1, c0, c1 = bounds[p], bounds[p + 1], bounds[q], bounds[q + 1]
             d = state.work[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             torch.mm(left[r0:r1], right[c0:c1].t(), out=d)
             if p == q:
-                d.fill_diagonal_(float("inf"))  # a centre is not its own neighbour
+                d.fill_diagonal_(float("inf"))
             state.update(d, r0, c0, columns=False)
             if p != q:
                 state.update(d, c0, r0, columns=True)
@@ -461,12 +475,45 @@ class _RunningTopK:
         self._store(r0, nr, cand_d, cand_i)
 
     def _merge_dense(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
+        """Offer a whole tile when the rows' thresholds are still loose or unset."""
+        if not columns and d.shape[1] >= 8 * self.k:
+            self._merge_tournament(d, r0, c0)
+            return
         dim = 0 if columns else 1
         kk = min(self.k, d.shape[dim])
         blk_d, blk_i = torch.topk(d, kk, dim=dim, largest=False, sorted=False)
         if columns:
             blk_d, blk_i = blk_d.t(), blk_i.t()
         self._store(r0, blk_d.shape[0], blk_d, (blk_i + c0).to(torch.int32))
+
+    def _merge_tournament(self, d: torch.Tensor, r0: int, c0: int) -> None:
+        """Each row's best K of a wide tile, with the top-K selection on a fraction of it.
+
+        The tile's columns are cut into g slices; the element-wise minimum of the slices
+        gives, per row, W / g group minima, each an actual distance to a distinct centre.
+        So the K-th smallest group minimum t bounds the row's K-th smallest distance in
+        the tile: at least K entries are <= t. The entries <= t (about K, a few more
+        where two of the best fall in one group) then go through the usual merge. A
+        top-K of W / g values replaces a top-K of W.
+        """
+        nr, width = d.shape
+        g = 2
+        while width // (2 * g) >= 4 * self.k and g < 16:
+            g *= 2
+        q = width // g
+        mins = torch.minimum(d[:, :q], d[:, q : 2 * q])
+        for i in range(2, g):
+            torch.minimum(mins, d[:, i * q : (i + 1) * q], out=mins)
+        if width > g * q:  # leftover columns count as groups of one
+            mins = torch.cat([mins, d[:, g * q :]], 1)
+        bound = torch.topk(mins, self.k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True)
+        e = d.numel()
+        torch.le(d, bound, out=self.mask[:e].view(d.shape))
+        flat = _true_positions(self.mask, e)
+        rows = torch.div(flat, width, rounding_mode="floor")
+        ids = (flat - rows * width).add_(c0).to(torch.int32)
+        counts = torch.bincount(rows, minlength=nr)
+        self._merge_wide(r0, nr, rows, counts, torch.take(d, flat), ids)
 
     def result(self, row_order: torch.Tensor | None, id_order: torch.Tensor | None) -> SearchResult:
         """Each row's best K sorted nearest first. Row s of the state belongs to row
