@@ -8,7 +8,7 @@ the printed ratios hold on a noisy machine even when the absolute times do not:
 - the input pipeline: images per second that the batch loader (flip + padded crop +
   normalisation on whole batches) delivers, against what a CE training step consumes.
 
-    python benchmarks/step_speed.py [--batch 128 --width 32 --centres 4500]
+    python benchmarks/step_speed.py [--batch 128 --width 32 --centres 4500 --device cuda]
 """
 
 from __future__ import annotations
@@ -34,20 +34,23 @@ def main() -> None:
     p.add_argument("--centres", type=int, default=4500)
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline measurement")
     args = p.parse_args()
     torch.manual_seed(0)
+    device = torch.device(args.device)
     b, n = args.batch, args.centres
-    model = build_model("resnet_small", in_channels=3, embedding_dim=128, width=args.width, normalize=True).to(memory_format=torch.channels_last)
+    model = build_model("resnet_small", in_channels=3, embedding_dim=128, width=args.width, normalize=True).to(device, memory_format=torch.channels_last)
     images = torch.randint(0, 256, (n, 3, args.size, args.size), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,))
-    x = torch.randn(b, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    y = labels[:b]
-    idx = torch.arange(b)
-    kernel = NNGKClassifier(num_classes=10, sigma=0.3, k=args.k)
+    x = torch.randn(b, 3, args.size, args.size).to(device).contiguous(memory_format=torch.channels_last)
+    y = labels[:b].to(device)
+    idx = torch.arange(b, device=device)
+    kernel = NNGKClassifier(num_classes=10, sigma=0.3, k=args.k).to(device)
     with torch.no_grad():
-        kernel.set_centres(torch.nn.functional.normalize(torch.randn(n, 128), dim=1), labels)
-    head = torch.nn.Linear(128, 10)
-    methods = {name: build_method(name, kernel, 128, 10, MethodOptions()) for name in ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")}
+        kernel.set_centres(torch.nn.functional.normalize(torch.randn(n, 128), dim=1).to(device), labels.to(device))
+    head = torch.nn.Linear(128, 10).to(device)
+    methods = {name: build_method(name, kernel, 128, 10, MethodOptions()).to(device) for name in ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")}
     params = list(model.parameters()) + list(head.parameters()) + [q for m in methods.values() for q in m.parameters() if q.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -69,21 +72,30 @@ def main() -> None:
         "ce (2B)": lambda: ce(x2, y2),
         **{name: (lambda name=name: method_step(name)) for name in methods},
     }
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     model.train()
     for fn in steps.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for key, fn in steps.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[key].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"one training step, batch {b}, {args.size}x{args.size}, resnet_small width {args.width}, {n} centres, K {args.k}, threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    print(f"one training step, batch {b}, {args.size}x{args.size}, resnet_small width {args.width}, {n} centres, K {args.k}, {where} (median of {args.rounds} interleaved rounds)")
     print("| step | median s | images/s | ratio | against |")
     print("|---|---|---|---|---|")
     for key, ref in (("ce (B)", "ce (B)"), ("ce (2B)", "ce (B)"), ("nngk", "ce (B)"), ("mixup", "ce (B)"), ("mbdml2", "ce (B)"), ("mbdml1", "ce (2B)"), ("mbdml3", "ce (2B)")):
         print(f"| {key} | {med[key]:.4f} | {b / med[key]:.0f} | {med[key] / med[ref]:.3f} | {ref} |")
+    if args.no_pipeline:
+        return
 
     loader = BatchLoader(images, labels, b, shuffle=True, drop_last=True, augmentation=Augmentation(flip=True, crop_padding=4),
                          generator=torch.Generator().manual_seed(0), channels_last=True)
