@@ -263,3 +263,16 @@ def test_generic_search_with_small_pending_slots():
     dist, idx = d.topk(30, largest=False)
     assert torch.allclose(res.distances.double(), dist, atol=1e-3)
     assert overlap(res.indices, idx) > 0.999
+
+
+def test_faiss_ivf_never_returns_missing_neighbours():
+    """With one inverted list visited, most lists hold fewer than K centres: those rows
+    are searched again with more lists instead of coming back with -1."""
+    pytest.importorskip("faiss")
+    c = torch.randn(2000, 8, generator=torch.Generator().manual_seed(6))
+    own = torch.arange(2000)
+    res = knn_search(c, c, 100, exclude=own, backend="faiss-ivf", nprobe=1)
+    assert res.indices.shape == (2000, 100)
+    assert (res.indices >= 0).all()
+    assert not (res.indices == own.unsqueeze(1)).any()
+    assert all(len(set(r.tolist())) == 100 for r in res.indices[:200])

@@ -599,17 +599,31 @@ def _search_faiss(
         index.add(c)
     m = 0 if exclude is None else exclude.shape[1]
     kk = min(n, k + m)
-    dist, idx = index.search(q, kk)
-    dist_t = torch.from_numpy(dist)
-    idx_t = torch.from_numpy(idx).long()
-    if exclude is not None:
-        ex = exclude.cpu()
-        bad = (idx_t.unsqueeze(2) == ex.unsqueeze(1)).any(2) | (idx_t < 0)
-        # Keep the first k entries of each row that are not excluded (stable order).
-        rank = torch.where(bad, torch.full_like(idx_t, kk + 1), torch.arange(kk).expand_as(idx_t))
-        order = rank.argsort(dim=1, stable=True)[:, :k]
-        dist_t = dist_t.gather(1, order)
-        idx_t = idx_t.gather(1, order)
-    else:
-        dist_t, idx_t = dist_t[:, :k], idx_t[:, :k]
-    return SearchResult(dist_t.clamp_min(0).to(device=device, dtype=queries.dtype), idx_t.to(device))
+    nq = q.shape[0]
+    out_d = torch.empty(nq, k, dtype=torch.float32)
+    out_i = torch.empty(nq, k, dtype=torch.long)
+    ex_all = None if exclude is None else exclude.cpu()
+    chunk = max(1, (1 << 22) // max(1, kk))  # queries per search call: temporaries stay small
+    for s in range(0, nq, chunk):
+        dist, idx = index.search(q[s : s + chunk], kk)
+        if approximate:  # an inverted list too short: visit more lists for those rows
+            probe = nprobe
+            while (idx < 0).any() and probe < index.nlist:
+                probe = min(index.nlist, probe * 4)
+                short = np.nonzero((idx < 0).any(1))[0]
+                index.nprobe = probe
+                dist[short], idx[short] = index.search(q[s : s + chunk][short], kk)
+                index.nprobe = nprobe
+        dist_t = torch.from_numpy(dist)
+        idx_t = torch.from_numpy(idx).long()
+        if ex_all is not None:
+            ex = ex_all[s : s + chunk]
+            bad = (idx_t.unsqueeze(2) == ex.unsqueeze(1)).any(2) | (idx_t < 0)
+            # Keep the first k entries of each row that are not excluded (stable order).
+            rank = torch.where(bad, torch.full_like(idx_t, kk + 1), torch.arange(kk).expand_as(idx_t))
+            keep = rank.argsort(dim=1, stable=True)[:, :k]
+            dist_t = dist_t.gather(1, keep)
+            idx_t = idx_t.gather(1, keep)
+        out_d[s : s + chunk] = dist_t[:, :k].clamp_min(0)
+        out_i[s : s + chunk] = idx_t[:, :k]
+    return SearchResult(out_d.to(device=device, dtype=queries.dtype), out_i.to(device))
