@@ -277,32 +277,3 @@ def test_faiss_ivf_never_returns_missing_neighbours():
     assert not (res.indices == own.unsqueeze(1)).any()
     assert all(len(set(r.tolist())) == 100 for r in res.indices[:200])
 
-
-def test_rare_candidates_take_the_grouped_path(monkeypatch):
-    """Late tiles, where well under 1 in 1,000 entries can still enter a row's top-K, are
-    filtered 8 rows at a time; results stay exact (generic and self search)."""
-    from mbdml import neighbours
-
-    calls = []
-    original = neighbours._RunningTopK._candidates_grouped
-
-    def counting(self, d, tau):
-        calls.append(d.shape)
-        return original(self, d, tau)
-
-    monkeypatch.setattr(neighbours._RunningTopK, "_candidates_grouped", counting)
-    g = torch.Generator().manual_seed(8)
-    c = torch.randn(40000, 6, generator=g)
-    q = c[:512] + 0.001
-    res = knn_search(q, c, 5, query_block=512, centre_block=1024)
-    dist, idx = torch.cdist(q.double(), c.double()).pow(2).topk(5, largest=False)
-    assert calls, "the grouped filter was not used"
-    assert torch.allclose(res.distances.double(), dist, atol=1e-4)
-    assert overlap(res.indices, idx) > 0.999
-    calls.clear()
-    part = c[:12000]
-    res = self_knn(part, 4, block=512, first_block=512)
-    dist, idx = brute_force_self(part, 4)
-    assert calls
-    assert torch.allclose(res.distances.double(), dist, atol=1e-4)
-    assert overlap(res.indices, idx) > 0.999

@@ -395,7 +395,6 @@ class _RunningTopK:
         self.tau = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
         self.work = torch.empty(tile, dtype=torch.float32, device=device)
         self.mask = torch.zeros((tile + 7) // 8 * 8, dtype=torch.bool, device=device)
-        self.density: dict[tuple[int, bool], float] = {}  # last candidate fraction per row block and side
 
     def update(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
         """Offer tile ``d`` to rows r0.. (its rows) or, with ``columns``, to rows r0.. as
@@ -406,62 +405,25 @@ class _RunningTopK:
             self._merge_dense(d, r0, c0, columns)
             return
         e = d.numel()
-        key = (r0, columns)
-        if not columns and nr >= 64 and nr % 8 == 0 and self.density.get(key, 1.0) < 1e-3:
-            found = self._candidates_grouped(d, tau)
-        else:
-            found = self._candidates(d, tau, columns)
-        if found is None:  # many candidates: a plain top-K of the tile
-            self.density[key] = 1.0
-            self._merge_dense(d, r0, c0, columns)
-            return
-        rows, others, vals = found
-        self.density[key] = rows.numel() / e
-        if rows.numel():
-            self._append(r0, nr, rows, others.add_(c0).to(torch.int32), vals)
-
-    def _candidates(self, d: torch.Tensor, tau: torch.Tensor, columns: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Entries below their row's threshold: (rows grouped in order, the other side's
-        positions, distances); None when they are too many for the sparse path."""
-        e = d.numel()
         torch.lt(d, tau.unsqueeze(0) if columns else tau.unsqueeze(1), out=self.mask[:e].view(d.shape))
         flat = _true_positions(self.mask, e)
-        if flat.numel() * 4 > e:
-            return None
+        if flat.numel() == 0:
+            return
+        if flat.numel() * 4 > e:  # many candidates: a plain top-K of the tile
+            self._merge_dense(d, r0, c0, columns)
+            return
         width = d.shape[1]
         i = torch.div(flat, width, rounding_mode="floor")
         j = flat - i * width
         if columns:  # group the candidates by column: a stable sort of small integer keys
-            rows, perm = torch.sort(j.to(torch.int16 if width <= 32767 else torch.int32), stable=True)
-            return rows.long(), torch.take(i, perm), torch.take(d, torch.take(flat, perm))
-        return i, j, torch.take(d, flat)
-
-    def _candidates_grouped(self, d: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row-side candidates of a tile where they are rare (well under 1 in 1,000).
-
-        The minimum over each group of 8 rows (a reduction along the slow axis, several
-        times cheaper than a comparison pass) is compared with the group's largest
-        threshold; only the few (group, column) hits are then looked at row by row.
-        """
-        nr, width = d.shape
-        groups = nr // 8
-        low = torch.amin(d.view(groups, 8, width), dim=1)
-        hit_mask = self.mask[: groups * width].view(groups, width)
-        torch.lt(low, tau.view(groups, 8).amax(1, keepdim=True), out=hit_mask)
-        hit = _true_positions(self.mask, groups * width)
-        g = torch.div(hit, width, rounding_mode="floor")
-        col = hit - g * width
-        eight = torch.arange(8, device=d.device)
-        row8 = (g * 8).unsqueeze(1) + eight  # (hits, 8) rows of each hit group
-        val8 = torch.take(d, row8 * width + col.unsqueeze(1))
-        keep = (val8 < torch.take(tau, row8)).view(-1).nonzero().squeeze(1)
-        rows = torch.take(row8, keep)
-        rows, perm = torch.sort(rows.to(torch.int16 if nr <= 32767 else torch.int32), stable=True)
-        keep = torch.take(keep, perm)
-        return rows.long(), torch.take(col, keep >> 3), torch.take(val8, keep)
-
-    def _append(self, r0: int, nr: int, rows: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor) -> None:
-        """Candidates (rows in ascending order) into their rows' pending slots."""
+            key_type = torch.int16 if width <= 32767 else torch.int32
+            rows, perm = torch.sort(j.to(key_type), stable=True)
+            rows = rows.long()
+            flat = torch.take(flat, perm)
+            ids = torch.take(i, perm).add_(c0).to(torch.int32)
+        else:
+            rows, ids = i, j.add_(c0).to(torch.int32)
+        vals = torch.take(d, flat)
         counts = torch.bincount(rows, minlength=nr)
         fill = self.fill[r0 : r0 + nr]
         over = (fill + counts) > self.p
