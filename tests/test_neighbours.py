@@ -276,4 +276,3 @@ def test_faiss_ivf_never_returns_missing_neighbours():
     assert (res.indices >= 0).all()
     assert not (res.indices == own.unsqueeze(1)).any()
     assert all(len(set(r.tolist())) == 100 for r in res.indices[:200])
-
