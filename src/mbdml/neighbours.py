@@ -351,7 +351,7 @@ def _self_knn_torch(centres: torch.Tensor, plan: SelfSearchPlan) -> SearchResult
     return state.result(order, order)
 
 
-def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: int = 1 << 16) -> torch.Tensor:
+def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: int = 1 << 14) -> torch.Tensor:
     """The rows ``x[order]`` augmented, built chunk by chunk (no full-size temporary):
     ``side="left"`` gives [x, |x|^2, 1], ``"right"`` gives [-2 x, 1, |x|^2], so the product
     of a left row with a right row is the squared distance of the two points."""
@@ -359,15 +359,16 @@ def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: in
     out = x.new_empty(n, dim + 2)
     for s in range(0, n, chunk):
         rows = x[s : s + chunk] if order is None else x.index_select(0, order[s : s + chunk])
-        sq = rows.pow(2).sum(1)
+        sq = torch.einsum("ij,ij->i", rows, rows)
+        part = out[s : s + chunk]
+        part[:, :dim] = rows
         if side == "left":
-            out[s : s + chunk, :dim] = rows
-            out[s : s + chunk, dim] = sq
-            out[s : s + chunk, dim + 1] = 1.0
+            part[:, dim] = sq
+            part[:, dim + 1] = 1.0
         else:
-            torch.mul(rows, -2.0, out=out[s : s + chunk, :dim])
-            out[s : s + chunk, dim] = 1.0
-            out[s : s + chunk, dim + 1] = sq
+            part[:, :dim].mul_(-2.0)
+            part[:, dim] = 1.0
+            part[:, dim + 1] = sq
     return out
 
 
