@@ -28,7 +28,7 @@ import torch
 from .errors import ConfigError
 
 SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf")
-FIRST_BLOCK = 8192
+FIRST_BLOCK = 16384
 SELF_BLOCK = 2048
 
 
@@ -281,7 +281,7 @@ def self_knn(
         k: neighbours wanted per centre.
         backend: ``"torch"``, ``"faiss"`` or ``"faiss-ivf"``.
         block: tile side (torch); default 2048 on a CPU, 8192 on a GPU.
-        first_block: side of the first tile (torch); default max(8192, 4 k).
+        first_block: side of the first tile (torch); default max(16384, 4 k).
         pending: candidate slots per centre between two top-K selections (torch);
             default k / 2.
         nprobe: inverted lists visited per query (``"faiss-ivf"``).
