@@ -276,3 +276,31 @@ def test_faiss_ivf_never_returns_missing_neighbours():
     assert (res.indices >= 0).all()
     assert not (res.indices == own.unsqueeze(1)).any()
     assert all(len(set(r.tolist())) == 100 for r in res.indices[:200])
+
+
+def test_generic_search_rare_candidates_grouped_filter(monkeypatch):
+    """Late blocks of a large search, where few entries can still enter a row's top-K,
+    are filtered through the minimum of d - threshold over 8 rows; results stay exact,
+    with exclusions, duplicates of the queries among the centres, and a row count that
+    is not a multiple of 8 in the last query block."""
+    from mbdml import neighbours
+
+    calls = []
+    original = neighbours._RunningTopK._candidates_grouped
+
+    def counting(self, z, shift):
+        calls.append(z.shape)
+        return original(self, z, shift)
+
+    monkeypatch.setattr(neighbours._RunningTopK, "_candidates_grouped", counting)
+    g = torch.Generator().manual_seed(8)
+    c = torch.randn(40000, 6, generator=g)
+    qi = torch.arange(0, 40000, 77)[:300]  # 300 queries: blocks of 128, 128 and 44
+    res = knn_search(c[qi], c, 5, exclude=qi, query_block=128, centre_block=1024)
+    d = torch.cdist(c[qi].double(), c.double()).pow(2)
+    d[torch.arange(300), qi] = float("inf")
+    dist, idx = d.topk(5, largest=False)
+    assert calls, "the grouped filter was not used"
+    assert torch.allclose(res.distances.double(), dist, atol=1e-4)
+    assert overlap(res.indices, idx) > 0.999
+    assert not (res.indices == qi.unsqueeze(1)).any()

@@ -144,9 +144,11 @@ def _search_torch(
             position = torch.empty_like(order)
             position[order] = torch.arange(n, device=device)
             exclude = torch.where(exclude >= 0, position[exclude.clamp_min(0)], exclude)
-    # [q, |q|^2, 1] . [-2 c, 1, |c|^2] = |q - c|^2 in one matrix product.
-    left = _augmented(queries, None, "left")
-    right = _augmented(centres, order, "right")
+    # [q, |q|^2, 1, -t] . [-2 c, 1, |c|^2, 1] = |q - c|^2 - t in one matrix product, t the
+    # query's running threshold when the block starts (0 while unset).
+    dim = queries.shape[1]
+    left = _augmented(queries, None, "left", shift=True)
+    right = _augmented(centres, order, "right", shift=True)
     first = min(n, max(4 * k, FIRST_BLOCK) if first_block is None else first_block)
     bounds = sorted(set([0, first] + list(range(first + centre_block, n, centre_block)) + [n]))
     width = max(b - a for a, b in zip(bounds, bounds[1:]))
@@ -156,14 +158,17 @@ def _search_torch(
         nq = q.shape[0]
         ex = None if exclude is None else exclude[q0 : q0 + query_block]
         for c0, c1 in zip(bounds, bounds[1:]):
-            d = state.work[: nq * (c1 - c0)].view(nq, c1 - c0)
-            torch.mm(q, right[c0:c1].t(), out=d)
+            tau = state.tau[q0 : q0 + nq]
+            shift = torch.where(torch.isinf(tau), torch.zeros_like(tau), tau)
+            torch.neg(shift, out=q[:, dim + 2])
+            z = state.work[: nq * (c1 - c0)].view(nq, c1 - c0)
+            torch.mm(q, right[c0:c1].t(), out=z)
             if ex is not None:
                 local = ex - c0
                 inside = (local >= 0) & (local < c1 - c0) & (ex >= 0)
                 rows = torch.arange(nq, device=device).unsqueeze(1).expand_as(local)
-                d[rows[inside], local[inside]] = float("inf")
-            state.update(d, q0, c0, columns=False)
+                z[rows[inside], local[inside]] = float("inf")
+            state.update_shifted(z, q0, c0, shift)
     return state.result(None, order)
 
 
@@ -351,12 +356,14 @@ def _self_knn_torch(centres: torch.Tensor, plan: SelfSearchPlan) -> SearchResult
     return state.result(order, order)
 
 
-def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: int = 1 << 14) -> torch.Tensor:
+def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, shift: bool = False, chunk: int = 1 << 14) -> torch.Tensor:
     """The rows ``x[order]`` augmented, built chunk by chunk (no full-size temporary):
     ``side="left"`` gives [x, |x|^2, 1], ``"right"`` gives [-2 x, 1, |x|^2], so the product
-    of a left row with a right row is the squared distance of the two points."""
+    of a left row with a right row is the squared distance of the two points. With
+    ``shift`` a last column is added, 0 on the left (to be set to minus a per-row shift)
+    and 1 on the right, so that the product is the distance less the shift."""
     n, dim = x.shape
-    out = x.new_empty(n, dim + 2)
+    out = x.new_empty(n, dim + 2 + int(shift))
     for s in range(0, n, chunk):
         rows = x[s : s + chunk] if order is None else x.index_select(0, order[s : s + chunk])
         sq = torch.einsum("ij,ij->i", rows, rows)
@@ -369,6 +376,8 @@ def _augmented(x: torch.Tensor, order: torch.Tensor | None, side: str, chunk: in
             part[:, :dim].mul_(-2.0)
             part[:, dim] = 1.0
             part[:, dim + 1] = sq
+        if shift:
+            part[:, dim + 2] = 0.0 if side == "left" else 1.0
     return out
 
 
@@ -396,6 +405,8 @@ class _RunningTopK:
         self.tau = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
         self.work = torch.empty(tile, dtype=torch.float32, device=device)
         self.mask = torch.zeros((tile + 7) // 8 * 8, dtype=torch.bool, device=device)
+        self.density: dict[int, float] = {}  # last row-side candidate fraction per row block
+        self.low = torch.empty(0, dtype=torch.float32, device=device)  # group minima (update_shifted)
 
     def update(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
         """Offer tile ``d`` to rows r0.. (its rows) or, with ``columns``, to rows r0.. as
@@ -411,6 +422,7 @@ class _RunningTopK:
         if flat.numel() == 0:
             return
         if flat.numel() * 4 > e:  # many candidates: a plain top-K of the tile
+            self.density[r0] = 1.0
             self._merge_dense(d, r0, c0, columns)
             return
         width = d.shape[1]
@@ -424,7 +436,56 @@ class _RunningTopK:
             ids = torch.take(i, perm).add_(c0).to(torch.int32)
         else:
             rows, ids = i, j.add_(c0).to(torch.int32)
-        vals = torch.take(d, flat)
+            self.density[r0] = flat.numel() / e
+        self._append(r0, nr, rows, ids, torch.take(d, flat))
+
+    def update_shifted(self, z: torch.Tensor, r0: int, c0: int, shift: torch.Tensor) -> None:
+        """Like ``update(d, r0, c0, columns=False)`` for a tile holding z = d - shift, shift
+        being each row's threshold when the tile was computed (0 where it was still unset).
+
+        Where candidates are rare, the minimum of z over each group of 8 rows (a
+        reduction along the slow axis, several times cheaper than a comparison pass) is
+        negative exactly when one of the 8 entries is a candidate, and only those few
+        (group, column) hits are looked at row by row. Elsewhere the distances are
+        restored (z + shift) and the tile takes the plain path. Candidate distances come
+        back as z + shift, which can differ from d in the last bit.
+        """
+        nr, width = z.shape
+        tau = self.tau[r0 : r0 + nr]
+        if nr >= 64 and nr % 8 == 0 and self.density.get(r0, 1.0) < 0.005 and not bool(torch.isinf(tau).any()):
+            found = self._candidates_grouped(z, shift)
+            if found is not None:
+                rows, cols, vals = found
+                self.density[r0] = rows.numel() / z.numel()
+                if rows.numel():
+                    self._append(r0, nr, rows, cols.add_(c0).to(torch.int32), vals)
+                return
+        z.add_(shift.unsqueeze(1))
+        self.update(z, r0, c0, columns=False)
+
+    def _candidates_grouped(self, z: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        nr, width = z.shape
+        groups = nr // 8
+        if self.low.numel() < groups * width:
+            self.low = z.new_empty(groups * width)
+        low = self.low[: groups * width].view(groups, width)
+        torch.amin(z.view(groups, 8, width), dim=1, out=low)
+        torch.lt(low, 0.0, out=self.mask[: groups * width].view(groups, width))
+        hit = _true_positions(self.mask, groups * width)
+        if hit.numel() * 16 > groups * width:  # not rare after all
+            return None
+        g = torch.div(hit, width, rounding_mode="floor")
+        col = hit - g * width
+        row8 = (g * 8).unsqueeze(1) + torch.arange(8, device=z.device)  # (hits, 8): the rows of each hit group
+        val8 = torch.take(z, row8 * width + col.unsqueeze(1))
+        keep = (val8 < 0).view(-1).nonzero().squeeze(1)
+        rows, perm = torch.sort(torch.take(row8, keep).to(torch.int16 if nr <= 32767 else torch.int32), stable=True)
+        rows = rows.long()
+        keep = torch.take(keep, perm)
+        return rows, torch.take(col, keep >> 3), torch.take(val8, keep).add_(torch.take(shift, rows))
+
+    def _append(self, r0: int, nr: int, rows: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        """Candidates (rows in ascending order) into their rows' pending slots."""
         counts = torch.bincount(rows, minlength=nr)
         fill = self.fill[r0 : r0 + nr]
         over = (fill + counts) > self.p
