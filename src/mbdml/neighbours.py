@@ -277,9 +277,12 @@ def self_knn(
     into tiles and only the tiles (I, J) with J >= I are computed (one matrix product
     each, about half the arithmetic of a plain search). Each tile updates the running
     top-K of rows I (a threshold per row) and of rows J (a threshold per column of the
-    same tile, so no transposed copy is made). Memory: the (N, k) state plus one tile,
-    never N x N; see :func:`plan_self_knn`. The faiss backends search the centres
-    against themselves with the own index excluded (:func:`knn_search`).
+    same tile, so no transposed copy is made). The product of augmented centres gives the
+    full squared distance (the same value for both rows of a pair), not the
+    ``|c|^2 - 2 q.c`` ranking of :func:`knn_search`. Memory: the (N, k + k/2) state, the
+    (N, k) result and one tile, never N x N; see :func:`plan_self_knn`. The faiss
+    backends search the centres against themselves with the own index excluded
+    (:func:`knn_search`).
 
     Args:
         centres: (N, D) float.
