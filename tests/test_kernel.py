@@ -166,3 +166,47 @@ def test_kernel_stays_float32_under_autocast(setup):
     assert torch.allclose(got, kernel.log_probs(f.bfloat16().float(), nbrs), atol=1e-6)
     assert torch.equal(searched, kernel.neighbours(f))
     assert torch.allclose(ref, kernel.log_probs(f, nbrs))
+
+
+@pytest.mark.parametrize("dim", [16, 640])
+def test_neighbour_dot_products_match_a_plain_gather(dim):
+    """The sampled sparse product (and the gathering fallback) give the dot products
+    and input gradients of gathering the centre rows, duplicates included; no gradient
+    reaches the centres."""
+    from mbdml.kernel import _GatheredDot, _SampledDot
+
+    g = torch.Generator().manual_seed(3)
+    n, b, k = 500, 6, 40
+    centres = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, n, (b, k), generator=g)
+    idx[0, :5] = idx[0, 5]  # repeated neighbours in one row
+    weights = torch.randn(b, k, generator=g, dtype=torch.float64)
+    f_ref = torch.randn(b, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = (f_ref.unsqueeze(1) * centres[idx]).sum(-1)
+    (ref * weights).sum().backward()
+    for fn in (_SampledDot, _GatheredDot):
+        f = f_ref.detach().clone().requires_grad_()
+        out = fn.apply(f, centres, idx)
+        (out * weights).sum().backward()
+        assert torch.allclose(out, ref, atol=1e-10), fn.__name__
+        assert torch.allclose(f.grad, f_ref.grad, atol=1e-10), fn.__name__
+
+
+def test_loss_on_many_centres_matches_plain_loop():
+    """With more centres than 8 K the loss takes the sparse path; it still matches the
+    SPEC loop in value and gradient."""
+    g = torch.Generator().manual_seed(4)
+    n, d, c = 400, 8, 5
+    centres = torch.randn(n, d, generator=g) * 2
+    labels = torch.arange(n) % c
+    kernel = NNGKClassifier(num_classes=c, sigma=2.0, k=10)
+    kernel.set_centres(centres, labels)
+    f = (centres[:12] + 0.3 * torch.randn(12, d, generator=g)).requires_grad_()
+    nbrs = kernel.training_neighbours(torch.arange(12))
+    ours = kernel.log_probs(f, nbrs).exp()
+    ref = spec_loop_probs(f.double(), centres.double(), labels, kernel.log_weights.double(), nbrs, kernel.sigma, c)
+    assert torch.allclose(ours.double(), ref, atol=1e-5)
+    ours[:, 0].sum().backward()
+    f2 = f.detach().double().requires_grad_()
+    spec_loop_probs(f2, centres.double(), labels, kernel.log_weights.double(), nbrs, kernel.sigma, c)[:, 0].sum().backward()
+    assert torch.allclose(f.grad.double(), f2.grad, atol=1e-5)

