@@ -23,6 +23,12 @@ rest; the approximate ones still run the whole refresh::
 
     python benchmarks/refresh_speed.py --sizes 1000000 --sample-queries 4096
 
+faiss flat does the same work for every query, so its sample extrapolates well; our
+symmetric search does not (each pair is computed once, thresholds tighten as it goes),
+so ``--full-torch`` runs the whole of it at that size and only faiss is sampled::
+
+    python benchmarks/refresh_speed.py --sizes 1000000 --sample-queries 4096 --full-torch --backends torch,faiss
+
 ``--clustered`` draws the centres around 1,000 Gaussian cluster means (closer to real
 embeddings than structureless Gaussian data, on which IVF's recall is at its worst).
 """
@@ -101,7 +107,8 @@ def child(spec: dict) -> None:
     sample = sample_rows(n, spec["sample_queries"], seed=2) if spec["sample_queries"] else None
     # Recall rows: the first sampled queries, or a seeded sample of all rows.
     rows = sample[: spec["recall_rows"]] if sample is not None else sample_rows(n, spec["recall_rows"])
-    full = sample is None or backend in APPROXIMATE  # approximate indexes always run the whole refresh
+    # Approximate indexes always run the whole refresh; with --full-torch so does ours.
+    full = sample is None or backend in APPROXIMATE or (backend == "torch" and spec["full_torch"])
     if device.type == "cuda":
         centres = centres.to(device)
         torch.cuda.synchronize()
@@ -178,6 +185,7 @@ def main() -> None:
     p.add_argument("--backends", default="torch,faiss,faiss-ivf,faiss-hnsw", help="torch, faiss, faiss-ivf, faiss-hnsw")
     p.add_argument("--clustered", action="store_true", help="centres around 1,000 Gaussian cluster means")
     p.add_argument("--sample-queries", type=int, default=0, metavar="Q", help="time Q sampled queries against all centres and extrapolate")
+    p.add_argument("--full-torch", action="store_true", help="with --sample-queries: run our whole symmetric refresh (measured), only faiss flat is sampled")
     p.add_argument("--recall-rows", type=int, default=2000, help="rows whose neighbours are checked against exact search (with --sample-queries: the first sampled queries)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all backends, run in alternation")
     p.add_argument("--device", default="cpu", help="device of the torch backend (cpu, cuda)")
@@ -225,7 +233,7 @@ def main() -> None:
                     spec = dict(n=n, dim=args.dim, k=args.k, backend=backend, clustered=args.clustered, recall_rows=args.recall_rows,
                                 sample_queries=args.sample_queries, device=args.device, threads=args.threads, nprobe=args.nprobe,
                                 hnsw_m=args.hnsw_m, ef_search=args.ef_search, block=args.block, first_block=args.first_block,
-                                pending=args.pending, query_block=args.query_block, centre_block=args.centre_block, out=out)
+                                pending=args.pending, full_torch=args.full_torch, query_block=args.query_block, centre_block=args.centre_block, out=out)
                     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
                     if proc.returncode != 0:
                         lines = (proc.stderr.strip() or "no output").splitlines()
