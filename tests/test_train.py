@@ -29,6 +29,8 @@ def test_run_writes_its_folder_and_reloads(tmp_path):
     assert all(r["test_acc"] and r["val_acc"] and r["loss"] for r in rows)
     summary = json.loads((d / "summary.json").read_text())
     assert summary["final"]["epoch"] == 3 and 0 <= summary["final"]["nngk_acc"] <= 1
+    # The final model's validation accuracy (what recipe choices are made on) is the last row's.
+    assert summary["final"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
     assert summary["final"]["map_at_r"] is not None and summary["final"]["nmi"] is not None
     assert "test set" in summary["authors_best_on_test"]["note"]
     # The saved last checkpoint, reloaded, gives back the final test accuracy.

@@ -691,7 +691,7 @@ class Trainer:
             "labelled_train": len(self.data.train),
             "validation": len(self.data.val),
             "test": len(self.data.test),
-            "final": {"epoch": final.get("epoch"), **pick(final)},
+            "final": {"epoch": final.get("epoch"), "val_acc": final.get("val_acc"), **pick(final)},
             "best_val": {"epoch": best.get("val_epoch"), "val_acc": best.get("val_acc"), **pick(chosen)},
             "authors_best_on_test": {
                 "epoch": best.get("test_epoch"),
