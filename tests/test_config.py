@@ -61,6 +61,14 @@ def test_paper_preset_is_the_authors_setup():
     assert make_config("paper", learning_rate=3e-4).learning_rate == 3e-4
 
 
+def test_scratch_preset_is_the_validated_recipe():
+    cfg = make_config("scratch", method="mbdml1").resolved()
+    assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.05, 0.1)
+    assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 70)
+    assert cfg.preset == "scratch" and cfg.scale_mixup == 1.0
+    assert make_config("scratch", max_epochs=5).max_epochs == 5
+
+
 def test_augmentation_defaults_follow_the_images():
     grey = RunConfig().with_data(channels=1, image_side=8)
     colour = RunConfig().with_data(channels=3, image_side=32)
