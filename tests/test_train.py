@@ -193,3 +193,15 @@ def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tm
     resumed = resume(tmp_path / "cut")
     keys = ("loss", "pseudo_n", "val_acc", "test_acc")
     assert [[r.get(k) for k in keys] for r in resumed.history] == [[r.get(k) for k in keys] for r in rows]
+
+
+def test_centres_refreshed_in_training_only_for_methods_that_read_them(tmp_path):
+    """Mixup's loss never reads the centres: they are refreshed for evaluation only. A
+    kernel method refreshes them every update_interval epochs as well."""
+    def refresh_epochs(method):
+        res = train(small(tmp_path, method=method, max_epochs=4, eval_every=3, update_interval=1, name=method))
+        rows = list(csv.DictReader(open(res.run_dir / "metrics.csv")))
+        return [int(r["epoch"]) for r in rows if float(r["refresh_s"]) > 0]
+
+    assert refresh_epochs("mixup") == [3, 4]  # the evaluations at epochs 3 and 4 (the last)
+    assert refresh_epochs("mbdml2") == [2, 3, 4]  # epoch 1 starts from the centres built before training

@@ -601,7 +601,10 @@ class Trainer:
         for epoch in range(start_epoch, cfg.max_epochs):
             t0 = time.perf_counter()
             refresh_s = 0.0
-            if epoch % cfg.update_interval == 0 and not centres_fresh:
+            # Methods whose loss never reads the centres (softmax, mixup, the pair- and
+            # proxy-based baselines) only need them for evaluation, refreshed there.
+            trains_on_centres = self.method.uses_kernel_loss or self.method.uses_unlabelled
+            if trains_on_centres and epoch % cfg.update_interval == 0 and not centres_fresh:
                 refresh_s = self.refresh_centres()
             row = {"epoch": epoch + 1}
             if self.method.uses_unlabelled and epoch >= cfg.pseudo_start and (epoch % cfg.update_interval == 0 or self.pseudo is None):
