@@ -245,7 +245,7 @@ def main() -> None:
     status = {}
     if "a" in parts:
         cmd = [py, str(HERE / "kernel_speed.py"), "--device", args.device]
-        cmd += ["--batch", "16", "--k", "200", "--dims", "32", "--centres", "2000", "--repeats", "2"] if q else ["--batch", "128", "--k", "200", "--dims", "128,2048", "--centres", "5000,50000", "--repeats", "15"]
+        cmd += ["--batch", "16", "--k", "200", "--dims", "32", "--centres", "2000", "--repeats", "2"] if q else ["--batch", "128", "--k", "200", "--dims", "128,2048", "--centres", "5000,50000", "--repeats", "8"]
         status["a"] = run_part(log, "(a) NNGK loss, ours against the per-sample loop", cmd, 40 if q else 60, args.budget, args.reserve)
     if "b" in parts:
         cmd = [py, str(HERE / "step_speed.py"), "--device", args.device, "--no-pipeline"]
