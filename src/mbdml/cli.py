@@ -432,6 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MbdmlError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         print(f"mbdml: error{'' if rank is None else f' (rank {rank})'}: {exc}", file=sys.stderr)
+        if rank is not None:
+            # After a lost peer the communication library's threads may abort the
+            # process while the interpreter shuts down (exit status -6 instead of 2):
+            # leave at once, with the message out and the status torchrun should see.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("mbdml: interrupted; the last finished epoch is saved: continue with 'mbdml train --resume RUN_DIR'", file=sys.stderr)

@@ -106,9 +106,19 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
+def shutdown(ctx: DistContext, clean: bool = True) -> None:
+    """Leave the process group if :func:`init_distributed` created it.
+
+    On a clean exit every process first waits for the others (a barrier): one that
+    tears its connections down while a peer is still using them can make the peer's
+    communication threads abort it (exit status -6). After a failure (``clean`` False)
+    there is no barrier: a lost peer would never arrive at it."""
     if ctx.owns_group and dist.is_initialized():
+        if clean and ctx.world_size > 1:
+            try:
+                dist.barrier()
+            except Exception:  # a peer already gone: leave without waiting
+                pass
         dist.destroy_process_group()
 
 

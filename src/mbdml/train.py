@@ -530,6 +530,7 @@ class Trainer:
         :mod:`mbdml.distributed` for what is shared between the processes.
         """
         self.dist = dist_utils.init_distributed(self.device.type, self.cfg.dist_timeout)
+        clean = False
         try:
             if self.dist.enabled:
                 self._join_job()
@@ -537,7 +538,9 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._start_log_file()
             try:
-                return self._run()
+                result = self._run()
+                clean = True
+                return result
             except Exception as exc:
                 if self.dist.enabled and dist_utils.is_collective_failure(exc):
                     raise dist_utils.lost_peer_error(exc, self.dist, self.run_dir) from None
@@ -545,7 +548,7 @@ class Trainer:
             finally:
                 self._stop_log_file()
         finally:
-            dist_utils.shutdown(self.dist)
+            dist_utils.shutdown(self.dist, clean=clean)
 
     def _join_job(self) -> None:
         """Per-process device, logging and the run folder chosen by rank 0."""
