@@ -210,3 +210,15 @@ def test_loss_on_many_centres_matches_plain_loop():
     f2 = f.detach().double().requires_grad_()
     spec_loop_probs(f2, centres.double(), labels, kernel.log_weights.double(), nbrs, kernel.sigma, c)[:, 0].sum().backward()
     assert torch.allclose(f.grad.double(), f2.grad, atol=1e-5)
+
+
+def test_sparse_path_probe_works_when_first_used_without_gradients():
+    """The first use of the kernel may be an evaluation under no_grad or inference
+    mode; the one-time probe must still find the sparse path usable on the CPU."""
+    from mbdml import kernel as kernel_module
+
+    for ctx in (torch.no_grad, torch.inference_mode):
+        kernel_module._SAMPLED_DOT_PROBED.clear()
+        with ctx():
+            assert kernel_module._sampled_dot_supported(torch.zeros(4, 3))
+    assert not kernel_module._sampled_dot_supported(torch.zeros(4, 3, dtype=torch.float16))

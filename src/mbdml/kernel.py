@@ -128,15 +128,21 @@ def _sampled_dot_supported(centres: torch.Tensor) -> bool:
         return False
     key = (str(centres.device), centres.dtype)
     if key not in _SAMPLED_DOT_PROBED:
-        try:
-            c = torch.ones(3, 2, device=centres.device, dtype=centres.dtype, requires_grad=False)
-            f = torch.ones(2, 2, device=centres.device, dtype=centres.dtype, requires_grad=True)
-            out = _SampledDot.apply(f, c, torch.tensor([[0, 2], [1, 1]], device=centres.device))
-            out.sum().backward()
-            _SAMPLED_DOT_PROBED[key] = bool(torch.all(out == 2).item()) and bool(torch.all(f.grad == 2).item())
+        try:  # with gradients on, even when the first use comes under no_grad (evaluation)
+            with torch.inference_mode(False), torch.enable_grad():
+                _SAMPLED_DOT_PROBED[key] = _probe_sampled_dot(centres.device, centres.dtype)
         except (RuntimeError, NotImplementedError):
             _SAMPLED_DOT_PROBED[key] = False
     return _SAMPLED_DOT_PROBED[key]
+
+
+def _probe_sampled_dot(device: torch.device, dtype: torch.dtype) -> bool:
+    """One tiny forward and backward through :class:`_SampledDot`, checked."""
+    c = torch.ones(3, 2, device=device, dtype=dtype)
+    f = torch.ones(2, 2, device=device, dtype=dtype, requires_grad=True)
+    out = _SampledDot.apply(f, c, torch.tensor([[0, 2], [1, 1]], device=device))
+    out.sum().backward()
+    return bool(torch.all(out == 2).item()) and bool(torch.all(f.grad == 2).item())
 
 
 _SAMPLED_DOT_PROBED: dict[tuple[str, torch.dtype], bool] = {}
