@@ -23,6 +23,7 @@ Use it as a loss beside pytorch-metric-learning's::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any
@@ -94,13 +95,14 @@ class _SampledDot(torch.autograd.Function):
     def pattern(idx: torch.Tensor, values: torch.Tensor, num_centres: int) -> torch.Tensor:
         b, k = idx.shape
         crow = torch.arange(0, b * k + 1, k, device=idx.device, dtype=idx.dtype)
-        args = (crow, idx.reshape(-1), values.reshape(-1))
-        if not _SampledDot._beta_warning_seen:  # torch says once per process "sparse CSR support is in beta"; the ops used here are stable
-            _SampledDot._beta_warning_seen = True
-            with warnings.catch_warnings():
+        # torch warns once per process that sparse CSR support is in beta; the ops used
+        # here are stable, so that one warning is silenced (and no filter set after it).
+        first = not _SampledDot._beta_warning_seen
+        _SampledDot._beta_warning_seen = True
+        with warnings.catch_warnings() if first else contextlib.nullcontext():
+            if first:
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.sparse_csr_tensor(*args, size=(b, num_centres), check_invariants=False)
-        return torch.sparse_csr_tensor(*args, size=(b, num_centres), check_invariants=False)
+            return torch.sparse_csr_tensor(crow, idx.reshape(-1), values.reshape(-1), size=(b, num_centres), check_invariants=False)
 
     @staticmethod
     def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -374,7 +376,8 @@ class NNGKClassifier(nn.Module):
         no (N, N) matrix and no (B, K, D) tensor is built: the dot products come from
         one small matrix product then a gather when the centres are few, or from
         :class:`_SampledDot` (a sampled sparse product) otherwise, with
-        :class:`_GatheredDot` as the fallback on other devices and dtypes. Only B x K entries of the per-centre terms are
+        :class:`_GatheredDot` as the fallback on other devices and dtypes. Only B x K
+        entries of the per-centre terms are
         gathered, so a step costs nothing in proportion to N (millions of centres).
         """
         centres = self.centres
