@@ -222,3 +222,35 @@ def test_sparse_path_probe_works_when_first_used_without_gradients():
         with ctx():
             assert kernel_module._sampled_dot_supported(torch.zeros(4, 3))
     assert not kernel_module._sampled_dot_supported(torch.zeros(4, 3, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("path", ["dense", "sampled", "gathered"])
+def test_fused_log_probs_gradient_is_exact(path):
+    """The closed-form backward of the one-node kernel computation matches finite
+    differences in float64 for the embeddings and the kernel weights, with masked
+    entries, a class absent from a row, duplicate neighbours and a row with no valid
+    neighbour at all (which must come out uniform, without NaN)."""
+    from mbdml.kernel import _KernelLogProbs
+
+    g = torch.Generator().manual_seed(5)
+    n, d, b, k, c = 60, 6, 5, 9, 4
+    centres = torch.randn(n, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c - 1, (n,), generator=g)  # class c - 1 never present
+    idx = torch.randint(0, n, (b, k), generator=g)
+    idx[1, :3] = idx[1, 3]
+    valid = torch.rand(b, k, generator=g) > 0.3
+    valid[2] = False
+    f = torch.randn(b, d, generator=g, dtype=torch.float64, requires_grad=True)
+    theta = (0.3 * torch.randn(n, generator=g, dtype=torch.float64)).requires_grad_()
+    args = (centres, centres.pow(2).sum(1), labels, idx, valid, 0.4, math.log(1e-10), c, path)
+
+    def fn(f, theta):
+        return _KernelLogProbs.apply(f, theta, *args)
+
+    out = fn(f, theta)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[2], torch.full((c,), -math.log(c), dtype=torch.float64))
+    assert torch.allclose(out.exp().sum(1), torch.ones(b, dtype=torch.float64))
+    assert torch.autograd.gradcheck(fn, (f, theta), eps=1e-6, atol=1e-6)
+    out[:, 0].sum().backward()
+    assert torch.isfinite(f.grad).all() and torch.isfinite(theta.grad).all()

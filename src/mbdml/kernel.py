@@ -51,12 +51,11 @@ class _GatheredDot(torch.autograd.Function):
     _WORKSPACE_FLOATS = 1 << 19  # 2 MB of float32: a block that stays in cache
 
     @staticmethod
-    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(centres, idx)
+    def dots(f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         b, k = idx.shape
         d = centres.shape[1]
         rows = max(2, _GatheredDot._WORKSPACE_FLOATS // max(1, k * d))
-        out = f.new_empty(b, 1, k)
+        out = f.new_empty(b, 1, k, dtype=centres.dtype)
         work = centres.new_empty(min(rows, b) * k, d)
         f = f.to(centres.dtype).unsqueeze(1)
         for i in range(0, b, rows):
@@ -68,12 +67,20 @@ class _GatheredDot(torch.autograd.Function):
         return out.squeeze(1)
 
     @staticmethod
+    def weighted_rows(weights: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx, centres, per_sample_weights=weights.to(centres.dtype).contiguous(), mode="sum")
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centres, idx)
+        return _GatheredDot.dots(f, centres, idx)
+
+    @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         centres, idx = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        grad_f = F.embedding_bag(idx, centres, per_sample_weights=grad_out.to(centres.dtype).contiguous(), mode="sum")
-        return grad_f, None, None
+        return _GatheredDot.weighted_rows(grad_out, centres, idx), None, None
 
 
 class _SampledDot(torch.autograd.Function):
@@ -105,21 +112,29 @@ class _SampledDot(torch.autograd.Function):
             return torch.sparse_csr_tensor(crow, idx.reshape(-1), values.reshape(-1), size=(b, num_centres), check_invariants=False)
 
     @staticmethod
-    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(centres, idx)
+    def dots(f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         empty = _SampledDot.pattern(idx, centres.new_zeros(idx.numel()), centres.shape[0])
         out = torch.sparse.sampled_addmm(empty, f.to(centres.dtype), centres.t(), beta=0.0)
         return out.values().view(idx.shape)
+
+    @staticmethod
+    def weighted_rows(weights: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        g = weights.to(centres.dtype).contiguous()
+        if centres.shape[1] < 512:  # narrow rows: embedding_bag's weighted sum is the faster reader
+            return F.embedding_bag(idx, centres, per_sample_weights=g, mode="sum")
+        return _SampledDot.pattern(idx, g, centres.shape[0]) @ centres
+
+    @staticmethod
+    def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(centres, idx)
+        return _SampledDot.dots(f, centres, idx)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         centres, idx = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        g = grad_out.to(centres.dtype).contiguous()
-        if centres.shape[1] < 512:  # narrow rows: embedding_bag's weighted sum is the faster reader
-            return F.embedding_bag(idx, centres, per_sample_weights=g, mode="sum"), None, None
-        return _SampledDot.pattern(idx, g, centres.shape[0]) @ centres, None, None
+        return _SampledDot.weighted_rows(grad_out, centres, idx), None, None
 
 
 def _sampled_dot_supported(centres: torch.Tensor) -> bool:
@@ -148,6 +163,111 @@ def _probe_sampled_dot(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _SAMPLED_DOT_PROBED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+class _KernelLogProbs(torch.autograd.Function):
+    """The whole NNGK log-probability computation as one autograd node.
+
+    Inputs: f (B, D) live embeddings, theta (N,) log kernel weights, and, without
+    gradient, the centres, their squared norms and labels, the (B, K) neighbour lists
+    and an optional (B, K) validity mask. Output: log P(c | f), (B, C), renormalised
+    after ``min_prob`` is given to the classes with no neighbour.
+
+    Autograd would record about 25 small (B, K) operations and replay them backwards;
+    this node keeps two (B, K) tensors and writes the gradient in closed form:
+
+        s_j    = k_j / (mass of class y_j)        (softmax within the neighbour's class)
+        P_c    = mass of class c / total mass     (before min_prob and renormalising)
+        g      = G - exp(out) * sum_c G_c         (through the renormalisation)
+        h_c    = g_c - P_c * sum_{c present} g_c  (present classes only)
+        d logit_j = s_j * h_{y_j}
+        d theta_j = sum of d logit over the places j appears
+        d f_b  = (1 / sigma^2) sum_j d logit_bj c_j
+
+    The last line leaves out -(1 / sigma^2) f_b sum_j d logit_bj, which is 0 since the
+    P_c of the present classes sum to 1. For the same reason ||f_b||^2, constant
+    along a row of logits, cancels in the forward pass and is not computed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        f: torch.Tensor,
+        theta: torch.Tensor,
+        centres: torch.Tensor,
+        centre_sq: torch.Tensor,
+        centre_labels: torch.Tensor,
+        idx: torch.Tensor,
+        valid: torch.Tensor | None,
+        inv: float,
+        log_min_prob: float,
+        num_classes: int,
+        dots_path: str,
+    ) -> torch.Tensor:
+        b, k = idx.shape
+        flat = idx.reshape(-1)
+        dots = _neighbour_dots(f, centres, idx, dots_path)
+        # log k_j(f) up to the per-row constant -||f||^2 / 2 sigma^2, which cancels
+        logits = dots.mul_(2.0 * inv)
+        logits += theta.index_select(0, flat).view(b, k)
+        logits.sub_(centre_sq.index_select(0, flat).view(b, k), alpha=inv)
+        if valid is not None:
+            logits.masked_fill_(~valid, float("-inf"))
+        labels = centre_labels.index_select(0, flat).view(b, k)
+        # Per-class log-sum-exp, each class shifted by its own best neighbour: a class
+        # far behind the nearest one keeps a finite log-mass (and a gradient).
+        class_max = logits.new_full((b, num_classes), float("-inf"))
+        class_max.scatter_reduce_(1, labels, logits, reduce="amax", include_self=True)
+        present = class_max > float("-inf")
+        shift = class_max.masked_fill(~present, 0.0)
+        e = logits.sub_(shift.gather(1, labels)).exp_()  # in (0, 1]; 0 where not valid
+        class_mass = torch.zeros_like(class_max).scatter_add_(1, labels, e)
+        class_lse = class_mass.clamp_min(torch.finfo(class_mass.dtype).tiny).log_().add_(shift)
+        class_lse.masked_fill_(~present, float("-inf"))
+        total_lse = torch.logsumexp(class_lse, dim=1, keepdim=True)
+        r = class_lse - total_lse  # log P_c of the present classes (NaN in a row with none)
+        p_present = torch.where(present, r.exp(), torch.zeros_like(r))
+        r = torch.where(present, r, torch.full_like(r, log_min_prob))
+        out = r - torch.logsumexp(r, dim=1, keepdim=True)
+        s = e.div_(class_mass.gather(1, labels).clamp_min(torch.finfo(e.dtype).tiny))
+        ctx.save_for_backward(centres, idx, labels, s, p_present, present, out)
+        ctx.inv = inv
+        ctx.dots_path = dots_path
+        ctx.num_theta = theta.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        centres, idx, labels, s, p_present, present, out = ctx.saved_tensors
+        g = grad_out - out.exp() * grad_out.sum(1, keepdim=True)
+        g = g.masked_fill(~present, 0.0)
+        h = g - p_present * g.sum(1, keepdim=True)
+        d_logits = s * h.gather(1, labels)
+        grad_f = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_f = _weighted_centre_rows(d_logits, centres, idx, ctx.dots_path).mul_(2.0 * ctx.inv)
+        if ctx.needs_input_grad[1]:
+            grad_theta = d_logits.new_zeros(ctx.num_theta).index_add_(0, idx.reshape(-1), d_logits.reshape(-1))
+        return (grad_f, grad_theta) + (None,) * 9
+
+
+def _neighbour_dots(f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor, path: str) -> torch.Tensor:
+    """dots[b, j] = f[b] . centres[idx[b, j]], a fresh (B, K) tensor, no autograd."""
+    if path == "dense":  # few centres: one small matrix product, then a gather
+        return (f @ centres.t()).gather(1, idx)
+    if path == "sampled":
+        return _SampledDot.dots(f, centres, idx)
+    return _GatheredDot.dots(f, centres, idx)
+
+
+def _weighted_centre_rows(weights: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor, path: str) -> torch.Tensor:
+    """out[b] = sum_j weights[b, j] centres[idx[b, j]], (B, D): the backward of the dots."""
+    if path == "dense":
+        full = weights.new_zeros(idx.shape[0], centres.shape[0]).scatter_add_(1, idx, weights)
+        return full @ centres
+    if path == "sampled":
+        return _SampledDot.weighted_rows(weights, centres, idx)
+    return _GatheredDot.weighted_rows(weights, centres, idx)
 
 
 class NNGKClassifier(nn.Module):
@@ -340,26 +460,36 @@ class NNGKClassifier(nn.Module):
             return self._log_probs_fp32(embeddings.float(), neighbour_indices, valid)
 
     def _log_probs_fp32(self, f: torch.Tensor, neighbour_indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        b, k = neighbour_indices.shape
-        c = int(self.num_classes)
-        flat = neighbour_indices.reshape(-1)
-        logits = self._neighbour_logits(f, neighbour_indices, flat)
-        if valid is not None:
-            logits = logits.masked_fill(~valid, float("-inf"))
-        # Per-class log-sum-exp, each class shifted by its own best neighbour, so a
-        # class far behind the nearest one keeps a finite log-mass (and a gradient)
-        # instead of underflowing to "no mass".
-        labels = self.centre_labels.index_select(0, flat).view(b, k)
-        class_max = torch.full((b, c), float("-inf"), dtype=logits.dtype, device=logits.device)
-        class_max = class_max.scatter_reduce(1, labels, logits.detach(), reduce="amax", include_self=True)
-        present = class_max > float("-inf")
-        shift = torch.where(present, class_max, torch.zeros_like(class_max))
-        weights = torch.exp(logits - shift.gather(1, labels))
-        class_mass = torch.zeros_like(class_max).scatter_add(1, labels, weights)
-        class_lse = torch.log(class_mass.clamp_min(torch.finfo(class_mass.dtype).tiny)) + shift
-        total_lse = torch.logsumexp(logits, dim=1, keepdim=True)
-        log_p = torch.where(present, class_lse - total_lse, torch.full_like(class_lse, math.log(self.min_prob)))
-        return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+        """log P(c | f) through :class:`_KernelLogProbs`, one autograd node.
+
+        No (N, N) matrix and no (B, K, D) tensor is built: the dot products f_b . c_j
+        come from one small matrix product then a gather when the centres are few, or
+        from a sampled sparse product (:class:`_SampledDot`) otherwise, with gathering
+        (:class:`_GatheredDot`) as the fallback on other devices and dtypes. Only B x K
+        entries of the per-centre terms are gathered, so a step costs nothing in
+        proportion to N (millions of centres).
+        """
+        centres = self.centres
+        k = neighbour_indices.shape[1]
+        if centres.shape[0] <= 8 * k:
+            path = "dense"
+        elif _sampled_dot_supported(centres):
+            path = "sampled"
+        else:
+            path = "gathered"
+        return _KernelLogProbs.apply(
+            f,
+            self.log_weights,
+            centres,
+            self._centre_sq_norms(),
+            self.centre_labels,
+            neighbour_indices,
+            valid,
+            1.0 / (2.0 * self.sigma**2),
+            math.log(self.min_prob),
+            int(self.num_classes),
+            path,
+        )
 
     def _centre_sq_norms(self) -> torch.Tensor:
         """||c_j||^2 of every centre, cached until the centres change."""
@@ -368,31 +498,6 @@ class NNGKClassifier(nn.Module):
             cached = self.centres.pow(2).sum(1)
             self._sq_norms = cached
         return cached
-
-    def _neighbour_logits(self, f: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """log k_j(f_b) = theta_j - ||f_b - c_j||^2 / (2 sigma^2) for j = idx[b, :].
-
-        Expanded as theta_j - ||c_j||^2 / 2s^2 - ||f_b||^2 / 2s^2 + f_b . c_j / s^2, so
-        no (N, N) matrix and no (B, K, D) tensor is built: the dot products come from
-        one small matrix product then a gather when the centres are few, or from
-        :class:`_SampledDot` (a sampled sparse product) otherwise, with
-        :class:`_GatheredDot` as the fallback on other devices and dtypes. Only B x K
-        entries of the per-centre terms are
-        gathered, so a step costs nothing in proportion to N (millions of centres).
-        """
-        centres = self.centres
-        inv = 1.0 / (2.0 * self.sigma**2)
-        b, k = idx.shape
-        if centres.shape[0] <= 8 * k:  # few centres: one small matrix product beats gathering
-            dots = (f @ centres.t()).gather(1, idx)
-        elif _sampled_dot_supported(centres):
-            dots = _SampledDot.apply(f, centres, idx)
-        else:
-            dots = _GatheredDot.apply(f, centres, idx)
-        centre_sq = self._centre_sq_norms().index_select(0, flat).view(b, k)
-        theta = self.log_weights.index_select(0, flat).view(b, k)
-        f_sq = f.pow(2).sum(1, keepdim=True)
-        return theta - inv * (centre_sq + f_sq - 2.0 * dots)
 
     def predict_log_proba(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Log probabilities (B, C) using the K nearest of all centres (test time)."""
