@@ -29,6 +29,8 @@ def test_defaults_resolve_and_roundtrip(tmp_path):
         ("batch_size", 0, "batch_size"),
         ("method", "arcface", "method"),
         ("device", "tpu", "device"),
+        ("cutout", -2, "--cutout"),
+        ("cutout", 1.5, "--cutout"),
     ],
 )
 def test_nonsense_values_are_refused_before_any_work(field, value, needle):

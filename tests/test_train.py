@@ -205,3 +205,18 @@ def test_centres_refreshed_in_training_only_for_methods_that_read_them(tmp_path)
 
     assert refresh_epochs("mixup") == [3, 4]  # the evaluations at epochs 3 and 4 (the last)
     assert refresh_epochs("mbdml2") == [2, 3, 4]  # epoch 1 starts from the centres built before training
+
+
+def test_training_augmentation_fills_cutout_with_the_mean():
+    """The run's cutout square becomes 0 after normalising: it is filled with the
+    normalisation mean in pixel units; other pixels keep their normalised value."""
+    from mbdml.data import augment_batch, normalize_batch
+    from mbdml.train import training_augmentation
+
+    cfg = make_config(cutout=3, mean=(0.2, 0.4, 0.6), std=(0.5, 0.5, 0.5), flip=False, crop_padding=0)
+    x = torch.full((6, 3, 8, 8), 255, dtype=torch.uint8)
+    out = normalize_batch(augment_batch(x, training_augmentation(cfg), torch.Generator().manual_seed(0)), cfg.mean, cfg.std)
+    cut = (out.abs() < 0.01).all(1)  # (B, H, W)
+    kept = torch.isclose(out, torch.tensor([1.6, 1.2, 0.8]).view(1, 3, 1, 1), atol=1e-5).all(1)
+    assert (cut ^ kept).all()
+    assert ((cut.sum((1, 2)) >= 1) & (cut.sum((1, 2)) <= 9)).all()

@@ -143,6 +143,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--max_epochs", "--epochs", dest="max_epochs", type=int, default=S)
     g.add_argument("--flip", type=str2bool, default=S, help="random horizontal flips (True/False; default: on for colour images only)")
     g.add_argument("--crop_padding", type=int, default=S, help="padded random crop, in pixels (0: off; default: an eighth of the image side)")
+    g.add_argument("--cutout", type=int, default=S, help="side in pixels of a square set to the mean colour in each training image (0: off, the default)")
     g.add_argument("--mean", type=float_list, default=S, help="normalisation mean(s), comma-separated (default 0.5)")
     g.add_argument("--std", type=float_list, default=S, help="normalisation std(s), comma-separated (default 0.5)")
 

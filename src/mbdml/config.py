@@ -93,6 +93,7 @@ class RunConfig:
     max_epochs: int = 30
     flip: bool | None = None  # None: on for colour images, off for grey ones (digits and letters are not mirror-symmetric)
     crop_padding: int | None = None  # None: an eighth of the image side (4 px at 32 px, 1 px at 8 px)
+    cutout: int = 0  # side in pixels of a square set to the mean colour in each training image (0: off)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     # evaluation
@@ -169,6 +170,8 @@ class RunConfig:
             raise ConfigError(f"input_size must be at least 8 pixels, got {self.input_size}")
         if self.crop_padding is not None and self.crop_padding < 0:
             raise ConfigError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if isinstance(self.cutout, bool) or not isinstance(self.cutout, int) or self.cutout < 0:
+            raise ConfigError(f"--cutout must be a whole number of pixels >= 0, got {self.cutout!r}; pass 0 to turn it off")
         if self.num_classes is not None and self.num_classes < 2:
             raise ConfigError(f"num_classes must be at least 2, got {self.num_classes}")
         if self.run < 0 or self.seed < 0:

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -40,6 +40,9 @@ from .evaluate import compute_embeddings, evaluate_embeddings
 from .kernel import NNGKClassifier
 from .methods import Method, MethodOptions, build_method
 from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
+
+if TYPE_CHECKING:
+    from .data.batches import Augmentation
 
 log = logging.getLogger("mbdml")
 
@@ -109,6 +112,15 @@ def learning_rate_at(cfg: RunConfig, step: int, total_steps: int) -> float:
             return base * (0.1 + 0.9 * t / warm)
         return base * max(0.0, (1.0 - t) / (1.0 - warm))
     return base
+
+
+def training_augmentation(cfg: RunConfig) -> "Augmentation":
+    """The batch augmentation of a run: flips, padded crops and cutout filled with the
+    normalisation mean (so the square is 0 once normalised)."""
+    from .data.batches import Augmentation
+
+    fill = tuple(255.0 * m for m in cfg.mean)
+    return Augmentation(flip=bool(cfg.flip), crop_padding=int(cfg.crop_padding or 0), cutout=cfg.cutout, cutout_fill=fill)
 
 
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -280,7 +292,7 @@ class Trainer:
         self.step_fn = dist_utils.wrap_step(self.model, self.method, self.train_model, self.device, self.dist)
 
     def _loader(self):
-        from .data.batches import Augmentation, BatchLoader
+        from .data.batches import BatchLoader
 
         cfg = self.cfg
         train = self.data.train
@@ -290,7 +302,7 @@ class Trainer:
             cfg.batch_size,
             shuffle=True,
             drop_last=len(train) > cfg.batch_size,
-            augmentation=Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding),
+            augmentation=training_augmentation(cfg),
             mean=cfg.mean,
             std=cfg.std,
             device=self.device,
@@ -397,7 +409,7 @@ class Trainer:
     def _pseudo_batch(self, batch_size: int) -> Any:
         """A random batch of pseudo-labelled images, augmented like the labelled ones
         (drawn for the global batch, then this process's slice)."""
-        from .data.batches import Augmentation, augment_batch, normalize_batch
+        from .data.batches import augment_batch, normalize_batch
         from .methods import PseudoBatch
 
         if self.pseudo is None or self.pseudo[0].numel() == 0:
@@ -409,7 +421,7 @@ class Trainer:
         if self.dist.enabled:
             pick = pick[self.dist.shard(total)]
         images = self.data.unlabelled.images.index_select(0, idx[pick].cpu()).to(self.device)
-        aug = Augmentation(flip=cfg.flip, crop_padding=cfg.crop_padding)
+        aug = training_augmentation(cfg)
         if aug.active:
             images = augment_batch(images, aug, self.data_gen)
         x = normalize_batch(images, cfg.mean, cfg.std)

@@ -82,6 +82,39 @@ def test_zero_crop_keeps_pixels_in_place(p: int, h: int, w: int, seed: int) -> N
         assert any(torch.equal(win, o.float()) for win in windows(padded, h, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_cutout_fills_one_clipped_square_per_image(dtype: torch.dtype) -> None:
+    """Each image gets one axis-aligned square of side at most s (clipped by the
+    border) set to the per-channel fill; every other pixel is untouched."""
+    x = images(200, c=3, h=10, w=12).to(dtype)
+    fill = (7.0, 100.0, 250.0)
+    out = augment_batch(x, Augmentation(cutout=4, cutout_fill=fill), torch.Generator().manual_seed(2))
+    value = torch.tensor(fill).view(3, 1, 1).to(dtype)
+    full = 0
+    for o, i in zip(out, x):
+        changed = (o != i).any(0)
+        filled = (o == value).all(0)
+        assert not (changed & ~filled).any()  # a changed pixel holds the fill
+        rows = filled.any(1).nonzero().flatten()
+        cols = filled.any(0).nonzero().flatten()
+        # the filled pixels of this image form one rectangle of side at most 4
+        square = torch.zeros_like(filled)
+        square[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert (filled | ~square).all() and torch.equal(o[:, ~square], i[:, ~square])
+        assert len(rows) <= 4 and len(cols) <= 4
+        full += len(rows) == 4 and len(cols) == 4
+    assert full > 50  # most squares lie wholly inside the image
+    again = augment_batch(x, Augmentation(cutout=4, cutout_fill=fill), torch.Generator().manual_seed(2))
+    assert torch.equal(out, again)
+
+
+def test_cutout_bad_values() -> None:
+    with pytest.raises(ConfigError, match="cutout size"):
+        Augmentation(cutout=-1)
+    with pytest.raises(ConfigError, match="cutout_fill has 2 values for 3-channel"):
+        augment_batch(images(), Augmentation(cutout=2, cutout_fill=(1.0, 2.0)), None)
+
+
 def test_reflect_padding_too_large() -> None:
     with pytest.raises(ConfigError, match="zeros"):
         augment_batch(images(2, h=3, w=3), Augmentation(crop_padding=3), None)

@@ -31,23 +31,34 @@ class Augmentation:
     p > 0: pad by p pixels on every side and take a random HxW window per image
     (a shift of -p..p pixels in each direction). ``padding_mode`` is "reflect"
     (the default: mirror the border, no black bands; needs p < H and p < W) or
-    "zeros".
+    "zeros". ``cutout`` s > 0: fill one s x s square per image with ``cutout_fill``
+    (one value per channel, or one for all; pass the normalisation mean in the image's
+    units so the square becomes 0 after normalising). The square's centre is drawn
+    uniformly over the image, so it may be clipped by the border (DeVries and Taylor,
+    2017).
     """
 
     flip: bool = False
     crop_padding: int = 0
     padding_mode: str = "reflect"
+    cutout: int = 0
+    cutout_fill: tuple[float, ...] = (0.0,)
 
     def __post_init__(self) -> None:
         if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
             raise ConfigError(f"crop padding {self.crop_padding!r} must be an integer >= 0; pass 0 to turn cropping off")
         if self.padding_mode not in PADDING_MODES:
             raise ConfigError(f"padding mode {self.padding_mode!r} is not known; pass one of {', '.join(PADDING_MODES)}")
+        if isinstance(self.cutout, bool) or not isinstance(self.cutout, int) or self.cutout < 0:
+            raise ConfigError(f"cutout size {self.cutout!r} must be an integer >= 0 (pixels); pass 0 to turn cutout off")
+        self.cutout_fill = tuple(float(v) for v in self.cutout_fill)
+        if not self.cutout_fill:
+            raise ConfigError("cutout_fill needs one value, or one per channel")
 
     @property
     def active(self) -> bool:
         """Whether this augmentation changes anything."""
-        return bool(self.flip) or self.crop_padding > 0
+        return bool(self.flip) or self.crop_padding > 0 or self.cutout > 0
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -76,9 +87,10 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
     """Return an augmented copy of the (B, C, H, W) batch ``x`` (uint8 or float), on ``x``'s device.
 
     Random draws, in this order: B flip coins, then B row shifts and B column
-    shifts in -p..p. The crop is two ``gather`` calls with per-image index
-    tensors: the window of the padded image at offset (p + dy, p + dx). ``x`` is
-    left untouched.
+    shifts in -p..p, then (with cutout) B square-centre rows and B columns. The crop
+    is two ``gather`` calls with per-image index tensors: the window of the padded
+    image at offset (p + dy, p + dx). Cutout is one mask built from the per-image
+    row and column ranges. ``x`` is left untouched.
     """
     if x.dim() != 4:
         raise DataError(f"augment_batch needs a (B, C, H, W) batch, got shape {tuple(x.shape)}")
@@ -105,6 +117,23 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
         if aug.padding_mode == "zeros":
             keep = (rin.view(b, 1, h, 1) & cin.view(b, 1, 1, w)).to(out.dtype)
             out = out * keep
+    s = aug.cutout
+    if s > 0:
+        fill = aug.cutout_fill
+        if len(fill) not in (1, c):
+            raise ConfigError(f"cutout_fill has {len(fill)} values for {c}-channel images; give one value or {c}")
+        cy = _randint(h, (b,), generator, x.device)
+        cx = _randint(w, (b,), generator, x.device)
+        top, left = cy - s // 2, cx - s // 2
+        r = torch.arange(h, device=x.device).view(1, h)
+        q = torch.arange(w, device=x.device).view(1, w)
+        in_rows = (r >= top.view(b, 1)) & (r < (top + s).view(b, 1))
+        in_cols = (q >= left.view(b, 1)) & (q < (left + s).view(b, 1))
+        square = in_rows.view(b, 1, h, 1) & in_cols.view(b, 1, 1, w)
+        value = torch.tensor(fill, device=x.device).view(1, -1, 1, 1)
+        if not out.dtype.is_floating_point:
+            value = value.round().clamp(0, 255)
+        out = torch.where(square, value.to(out.dtype), out)
     return out if out is not x else x.clone()
 
 
