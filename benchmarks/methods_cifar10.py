@@ -1,6 +1,6 @@
 """The five methods side by side on the CIFAR-10 archive with 10% of the labels.
 
-Same data split, backbone, schedule and epochs for every method; each seed draws its
+Same data split, backbone and schedule for every method, and the same epochs unless\n``--epochs`` gives them per method; each seed draws its
 own labelled split. Prints the final-model and best-on-validation test accuracy (NNGK
 classifier), mean and standard deviation over the seeds, the training time per run and
 per epoch, as a table and a JSON file.
@@ -8,6 +8,9 @@ per epoch, as a table and a JSON file.
     python benchmarks/methods_cifar10.py --epochs 12 --out results/methods_cifar10.json
     python benchmarks/methods_cifar10.py --methods mbdml3,nngk,mixup --seeds 0,1,2 --epochs 30 \
         --set optimizer=sgd schedule=onecycle learning_rate=0.1 label_smoothing=0.1
+    # an equal time budget: the single-pass methods get twice MbDML1's epochs
+    python benchmarks/methods_cifar10.py --methods mbdml1,nngk,mixup --seeds 0,1,2 \
+        --epochs mbdml1=70,nngk=140,mixup=140 --set preset=scratch amp=bf16
 
 The figures depend on the machine's load: run nothing else beside it.
 """
@@ -25,13 +28,25 @@ from mbdml.config import make_config
 from mbdml.train import Trainer, prepare_data
 
 
+def epochs_per_method(spec: str, methods: list[str]) -> dict[str, int]:
+    """``"12"`` gives every method 12 epochs; ``"mbdml1=70,nngk=140"`` sets them one by
+    one (every method must be named), for comparisons at an equal time budget."""
+    if "=" not in spec:
+        return {m: int(spec) for m in methods}
+    given = {k.strip(): int(v) for k, v in (part.split("=", 1) for part in spec.split(","))}
+    missing = [m for m in methods if m not in given]
+    if missing:
+        raise SystemExit(f"--epochs names no epoch count for {', '.join(missing)}; give one per method, e.g. {missing[0]}=40")
+    return {m: given[m] for m in methods}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--methods", default="nngk,mixup,mbdml1,mbdml2,mbdml3")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", default="12", help="epochs for every method (12), or per method for an equal time budget (mbdml1=70,nngk=140,mixup=140)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each draws its own labelled split")
-    p.add_argument("--eval_every", type=int, default=4)
+    p.add_argument("--eval_every", type=int, default=None, help="epochs between evaluations (default: half the run's epochs)")
     p.add_argument("--save_dir", default="results/methods_cifar10")
     p.add_argument("--out", default="results/methods_cifar10.json")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra configuration values (JSON values)")
@@ -39,18 +54,23 @@ def main() -> None:
 
     extra = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in args.set)}
     seeds = [int(x) for x in args.seeds.split(",")]
-    base = dict(dataset=args.dataset, max_epochs=args.epochs, eval_every=args.eval_every, save_dir=args.save_dir, progress=False, **extra)
+    methods = args.methods.split(",")
+    epochs = epochs_per_method(args.epochs, methods)
+    base = dict(dataset=args.dataset, save_dir=args.save_dir, progress=False, **extra)
     rows = []
     for seed in seeds:
         data = prepare_data(make_config(seed=seed, **base))
-        for method in args.methods.split(","):
-            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, **base)
+        for method in methods:
+            n = epochs[method]
+            every = args.eval_every or max(1, n // 2)
+            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **base)
             t0 = time.perf_counter()
             res = Trainer(cfg, data=data, run_dir=Path(args.save_dir) / f"{method}-seed{seed}").run()
             s = res.summary
             rows.append({
                 "method": method,
                 "seed": seed,
+                "epochs": n,
                 "final_nngk_acc": s["final"]["nngk_acc"],
                 "final_knn_acc": s["final"]["knn_acc"],
                 "final_val_acc": s["final"].get("val_acc"),
@@ -71,17 +91,17 @@ def main() -> None:
         std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
         return f"{mean:.2f} ± {std:.2f}"
 
-    print(f"\n{args.dataset}, {len(data.train)} labelled training images, {args.epochs} epochs, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
+    print(f"\n{args.dataset}, {len(data.train)} labelled training images, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
     print(f"settings: {json.dumps(extra)}")
-    print("| method | final validation acc (recipe choices) | final NNGK acc | final k-NN acc | best-on-val NNGK acc | train min/run | train s/epoch |")
-    print("|---|---|---|---|---|---|---|")
-    for method in args.methods.split(","):
+    print("| method | epochs | final validation acc (recipe choices) | final NNGK acc | final k-NN acc | best-on-val NNGK acc | train min/run | train s/epoch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
         minutes = sum(r["train_s"] for r in mine) / len(mine) / 60
         per_epoch = sum(r["train_s_per_epoch"] for r in mine) / len(mine)
-        print(f"| {method} | {stats([r['final_val_acc'] for r in mine])} | {stats([r['final_nngk_acc'] for r in mine])} | {stats([r['final_knn_acc'] for r in mine])} | {stats([r['best_val_nngk_acc'] for r in mine])} | {minutes:.1f} | {per_epoch:.1f} |")
+        print(f"| {method} | {epochs[method]} | {stats([r['final_val_acc'] for r in mine])} | {stats([r['final_nngk_acc'] for r in mine])} | {stats([r['final_knn_acc'] for r in mine])} | {stats([r['best_val_nngk_acc'] for r in mine])} | {minutes:.1f} | {per_epoch:.1f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"epochs": args.epochs, "seeds": seeds, "rows": rows, "config": base}, indent=2))
+    Path(args.out).write_text(json.dumps({"epochs": epochs, "seeds": seeds, "rows": rows, "config": base}, indent=2))
 
 if __name__ == "__main__":
     main()
