@@ -1,9 +1,10 @@
 """The five methods side by side on the CIFAR-10 archive with 10% of the labels.
 
 Same data split, backbone and schedule for every method, and the same epochs unless
-``--epochs`` gives them per method; each seed draws its own labelled split. Prints the final-model and best-on-validation test accuracy (NNGK
-classifier), mean and standard deviation over the seeds, the training time per run and
-per epoch, as a table and a JSON file.
+``--epochs`` gives them per method; each seed draws its own labelled split. Prints the
+final-model and best-on-validation test accuracy (NNGK classifier), mean and standard
+deviation over the seeds, the training time per run and per epoch, as a table and a
+JSON file.
 
     python benchmarks/methods_cifar10.py --epochs 12 --out results/methods_cifar10.json
     python benchmarks/methods_cifar10.py --methods mbdml3,nngk,mixup --seeds 0,1,2 --epochs 30 \
