@@ -41,6 +41,80 @@ def epochs_per_method(spec: str, methods: list[str]) -> dict[str, int]:
     return {m: given[m] for m in methods}
 
 
+def run_comparison(
+    dataset: str,
+    methods: list[str],
+    seeds: list[int],
+    epochs: dict[str, int],
+    extra: dict,
+    save_dir: str,
+    eval_every: int | None = None,
+) -> list[dict]:
+    """Train every method on every seed's split; one row of figures per run."""
+    base = dict(dataset=dataset, save_dir=save_dir, progress=False, **extra)
+    rows = []
+    for seed in seeds:
+        data = prepare_data(make_config(seed=seed, **base))
+        for method in methods:
+            n = epochs[method]
+            every = eval_every or max(1, n // 2)
+            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **base)
+            t0 = time.perf_counter()
+            res = Trainer(cfg, data=data, run_dir=Path(save_dir) / f"{method}-seed{seed}").run()
+            s = res.summary
+            rows.append({
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "epochs": n,
+                "labelled_train_images": len(data.train),
+                "final_nngk_acc": s["final"]["nngk_acc"],
+                "final_knn_acc": s["final"]["knn_acc"],
+                "final_val_acc": s["final"].get("val_acc"),
+                "best_val_nngk_acc": s["best_val"]["nngk_acc"],
+                "train_s_per_epoch": s["train_seconds_per_epoch"],
+                "train_s": s["train_seconds_per_epoch"] * s["epochs"],
+                "wall_s": time.perf_counter() - t0,
+            })
+            val = rows[-1]["final_val_acc"]
+            val_txt = "-" if val is None else f"{100 * val:.2f}%"
+            print(f"{method} seed {seed}: final test {100 * s['final']['nngk_acc']:.2f}%, validation {val_txt}  ({rows[-1]['train_s'] / 60:.1f} min training, {rows[-1]['wall_s'] / 60:.1f} min wall)", flush=True)
+    return rows
+
+
+def mean_std(values: list[float | None]) -> str:
+    """'mean ± sample std' in percent of the values given (None skipped)."""
+    kept = [100 * v for v in values if v is not None]
+    if not kept:
+        return "-"
+    mean = sum(kept) / len(kept)
+    std = (sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) ** 0.5 if len(kept) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """A markdown table, one line per method (mean ± std over its seeds)."""
+    lines = [
+        "| method | epochs | seeds | final validation acc (recipe choices) | final NNGK test acc | final k-NN test acc | best-on-val NNGK test acc | train min/run | wall min/run | train s/epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        avg = lambda key: sum(r[key] for r in mine) / len(mine)  # noqa: E731
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        lines.append(
+            f"| {method} | {mine[0]['epochs']} | {seeds} | {mean_std([r['final_val_acc'] for r in mine])} | {mean_std([r['final_nngk_acc'] for r in mine])} "
+            f"| {mean_std([r['final_knn_acc'] for r in mine])} | {mean_std([r['best_val_nngk_acc'] for r in mine])} | {avg('train_s') / 60:.1f} "
+            f"| {avg('wall_s') / 60:.1f} | {avg('train_s_per_epoch'):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """KEY=VALUE strings to configuration values (JSON where it parses as JSON)."""
+    return {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in pairs)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="cifar10")
@@ -53,56 +127,17 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra configuration values (JSON values)")
     args = p.parse_args()
 
-    extra = {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in args.set)}
+    extra = parse_settings(args.set)
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
     epochs = epochs_per_method(args.epochs, methods)
-    base = dict(dataset=args.dataset, save_dir=args.save_dir, progress=False, **extra)
-    rows = []
-    for seed in seeds:
-        data = prepare_data(make_config(seed=seed, **base))
-        for method in methods:
-            n = epochs[method]
-            every = args.eval_every or max(1, n // 2)
-            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **base)
-            t0 = time.perf_counter()
-            res = Trainer(cfg, data=data, run_dir=Path(args.save_dir) / f"{method}-seed{seed}").run()
-            s = res.summary
-            rows.append({
-                "method": method,
-                "seed": seed,
-                "epochs": n,
-                "final_nngk_acc": s["final"]["nngk_acc"],
-                "final_knn_acc": s["final"]["knn_acc"],
-                "final_val_acc": s["final"].get("val_acc"),
-                "best_val_nngk_acc": s["best_val"]["nngk_acc"],
-                "train_s_per_epoch": s["train_seconds_per_epoch"],
-                "train_s": s["train_seconds_per_epoch"] * s["epochs"],
-                "wall_s": time.perf_counter() - t0,
-            })
-            val = rows[-1]["final_val_acc"]
-            val_txt = "-" if val is None else f"{100 * val:.2f}%"
-            print(f"{method} seed {seed}: final test {100 * s['final']['nngk_acc']:.2f}%, validation {val_txt}  ({rows[-1]['train_s'] / 60:.1f} min training)", flush=True)
-
-    def stats(values: list[float]) -> str:
-        values = [100 * v for v in values if v is not None]
-        if not values:
-            return "-"
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        return f"{mean:.2f} ± {std:.2f}"
-
-    print(f"\n{args.dataset}, {len(data.train)} labelled training images, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
+    rows = run_comparison(args.dataset, methods, seeds, epochs, extra, args.save_dir, args.eval_every)
+    print(f"\n{args.dataset}, {rows[0]['labelled_train_images']} labelled training images, seeds {args.seeds}, torch threads {torch.get_num_threads()}")
     print(f"settings: {json.dumps(extra)}")
-    print("| method | epochs | final validation acc (recipe choices) | final NNGK acc | final k-NN acc | best-on-val NNGK acc | train min/run | train s/epoch |")
-    print("|---|---|---|---|---|---|---|---|")
-    for method in methods:
-        mine = [r for r in rows if r["method"] == method]
-        minutes = sum(r["train_s"] for r in mine) / len(mine) / 60
-        per_epoch = sum(r["train_s_per_epoch"] for r in mine) / len(mine)
-        print(f"| {method} | {epochs[method]} | {stats([r['final_val_acc'] for r in mine])} | {stats([r['final_nngk_acc'] for r in mine])} | {stats([r['final_knn_acc'] for r in mine])} | {stats([r['best_val_nngk_acc'] for r in mine])} | {minutes:.1f} | {per_epoch:.1f} |")
+    print(comparison_table(rows))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"epochs": epochs, "seeds": seeds, "rows": rows, "config": base}, indent=2))
+    Path(args.out).write_text(json.dumps({"dataset": args.dataset, "epochs": epochs, "seeds": seeds, "rows": rows, "settings": extra}, indent=2))
+
 
 if __name__ == "__main__":
     main()
