@@ -31,6 +31,8 @@ def test_defaults_resolve_and_roundtrip(tmp_path):
         ("device", "tpu", "device"),
         ("cutout", -2, "--cutout"),
         ("cutout", 1.5, "--cutout"),
+        ("pseudo_fraction", 1.5, "pseudo_fraction"),
+        ("pseudo_fraction", 0.0, "pseudo_fraction"),
     ],
 )
 def test_nonsense_values_are_refused_before_any_work(field, value, needle):

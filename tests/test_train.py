@@ -220,3 +220,35 @@ def test_training_augmentation_fills_cutout_with_the_mean():
     kept = torch.isclose(out, torch.tensor([1.6, 1.2, 0.8]).view(1, 3, 1, 1), atol=1e-5).all(1)
     assert (cut ^ kept).all()
     assert ((cut.sum((1, 2)) >= 1) & (cut.sum((1, 2)) <= 9)).all()
+
+
+def test_rank_selection_keeps_the_most_confident_of_each_class():
+    from mbdml.train import select_by_rank
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(30, dtype=torch.long), torch.full((5,), 2)])
+    conf = torch.rand(85, generator=g)
+    keep = select_by_rank(conf, labels, 4, share=0.4)  # 0.4 * 85 / 4 = 8.5 -> 8 per class
+    assert [int((keep & (labels == c)).sum()) for c in range(4)] == [8, 8, 5, 0]
+    for c in range(3):
+        kept, dropped = conf[keep & (labels == c)], conf[~keep & (labels == c)]
+        assert dropped.numel() == 0 or kept.min() > dropped.max()
+    assert not select_by_rank(conf, labels, 4, share=0.01).any()
+
+
+def test_pseudo_share_grows_linearly_to_the_fraction():
+    from mbdml.train import pseudo_share
+
+    cfg = make_config(method="mbdml_semi", max_epochs=20, pseudo_start=4, update_interval=4, pseudo_fraction=0.8).resolved()
+    assert [round(pseudo_share(cfg, e), 3) for e in (4, 8, 12, 16, 19)] == [0.2, 0.4, 0.6, 0.8, 0.8]
+
+
+def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path):
+    opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=4, pseudo_start=1, pseudo_fraction=0.6, name="rank")
+    rows = train(small(tmp_path, **opts)).history
+    n_unl = prepare_data(small(tmp_path)).unlabelled_count
+    shares = [r["pseudo_target_fraction"] for r in rows[1:]]
+    assert [round(s, 3) for s in shares] == [0.2, 0.4, 0.6]
+    for r, share in zip(rows[1:], shares):
+        assert 0 < r["pseudo_n"] <= round(share * n_unl / 10) * 10
+    assert rows[3]["pseudo_n"] > rows[1]["pseudo_n"]

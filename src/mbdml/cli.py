@@ -132,6 +132,11 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g = p.add_argument_group("semi-supervised (method mbdml_semi: the unlabelled images get pseudo-labels)")
     g.add_argument("--pseudo_threshold", type=finite_float, default=S, help="kernel-classifier confidence an unlabelled image needs to be used (default 0.9)")
     g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based) that uses pseudo-labels; labelled images only before (default: a quarter of the epochs)")
+    g.add_argument(
+        "--pseudo_fraction", type=optional_float, default=S,
+        help="select by rank instead of by --pseudo_threshold: per predicted class, the most confident unlabelled images, "
+        "a share of them growing linearly to this fraction at the last epoch (default: off)",
+    )
     g.add_argument("--pseudo_weight", type=finite_float, default=S, help="weight of the pseudo-labelled images' NNGK loss (default 1)")
 
     g = p.add_argument_group("optimisation")

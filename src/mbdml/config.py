@@ -82,6 +82,9 @@ class RunConfig:
     pseudo_threshold: float = 0.9  # keep an unlabelled image when its top class probability reaches this
     pseudo_start: int | None = None  # first epoch (0-based) with pseudo-labels; None: a quarter of max_epochs
     pseudo_weight: float = 1.0  # weight of the pseudo-labelled images' NNGK loss
+    # keep by rank instead of by threshold: per predicted class, the most confident images,
+    # a share of the unlabelled set growing linearly to this fraction at the last epoch
+    pseudo_fraction: float | None = None
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -146,6 +149,8 @@ class RunConfig:
         positive("dist_timeout", self.dist_timeout, "pass e.g. --dist_timeout 600 (seconds)")
         if not 0 < self.pseudo_threshold <= 1:
             raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}; pass --pseudo_threshold 0.9, say")
+        if self.pseudo_fraction is not None and not (isinstance(self.pseudo_fraction, (int, float)) and 0 < self.pseudo_fraction <= 1):
+            raise ConfigError(f"pseudo_fraction must be in (0, 1], got {self.pseudo_fraction!r}; pass --pseudo_fraction 0.8, say, or leave it out to select by --pseudo_threshold")
         if self.pseudo_start is not None and self.pseudo_start < 0:
             raise ConfigError(f"pseudo_start must be an epoch >= 0, got {self.pseudo_start}")
         if self.alpha < 0 or not math.isfinite(self.alpha):

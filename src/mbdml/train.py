@@ -123,6 +123,35 @@ def training_augmentation(cfg: RunConfig) -> "Augmentation":
     return Augmentation(flip=bool(cfg.flip), crop_padding=int(cfg.crop_padding or 0), cutout=cfg.cutout, cutout_fill=fill)
 
 
+def pseudo_share(cfg: RunConfig, epoch: int) -> float:
+    """The share of the unlabelled images kept at a labelling in ``epoch`` (0-based):
+    from ``update_interval`` epochs' worth at ``pseudo_start`` up to ``pseudo_fraction``
+    at the last epoch, linearly (a curriculum: the surest images first)."""
+    start = int(cfg.pseudo_start or 0)
+    span = max(1, cfg.max_epochs - start)
+    return float(cfg.pseudo_fraction) * min(1.0, (epoch - start + cfg.update_interval) / span)
+
+
+def select_by_rank(confidence: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float) -> torch.Tensor:
+    """Mask of the images to keep: for each predicted class, its most confident images,
+    up to ``share`` x (number of images) / (number of classes) of them.
+
+    Balanced per class, so a class the classifier is unsure of still gets its share of
+    pseudo-labels (a threshold on the kernel classifier's probabilities, which are
+    smooth over K = 200 neighbours, keeps few images and those of the easy classes).
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    per_class = int(round(share * labels.numel() / num_classes))
+    if per_class <= 0:
+        return keep
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if members.numel():
+            top = confidence[members].topk(min(per_class, members.numel())).indices
+            keep[members[top]] = True
+    return keep
+
+
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -371,13 +400,15 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------ pseudo-labels
-    def pseudo_label(self) -> dict[str, Any]:
+    def pseudo_label(self, epoch: int | None = None) -> dict[str, Any]:
         """Label the unlabelled images with the kernel classifier; keep the confident ones.
 
         Each unlabelled image gets its K nearest centres, the kernel classifier's class
         probabilities and, when the top probability reaches ``pseudo_threshold``, that
-        class as its pseudo-label (kept until the next refresh). With several processes
-        each labels its shard and the results are gathered.
+        class as its pseudo-label (kept until the next refresh). With ``pseudo_fraction``
+        the images are kept by rank instead (see :func:`select_by_rank`), a share that
+        grows with the epoch. With several processes each labels its shard and the
+        results are gathered.
         """
         cfg, unl = self.cfg, self.data.unlabelled
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -400,11 +431,18 @@ class Trainer:
                 nb_all.append(nbrs)
         gather = lambda xs: dist_utils.all_gather_rows(torch.cat(xs), self.dist)  # noqa: E731
         idx, lab, conf, nbrs = gather(idx_all), gather(lab_all), gather(conf_all), gather(nb_all)
-        keep = conf >= cfg.pseudo_threshold
+        extra: dict[str, Any] = {}
+        if cfg.pseudo_fraction is not None:
+            share = pseudo_share(cfg, cfg.pseudo_start if epoch is None else epoch)
+            keep = select_by_rank(conf, lab, int(self.kernel.num_classes), share)
+            extra["pseudo_target_fraction"] = share
+        else:
+            keep = conf >= cfg.pseudo_threshold
         self.pseudo = (idx[keep], lab[keep], nbrs[keep])
         n = int(keep.sum())
         right = float((unl.labels.to(self.device)[idx[keep]] == lab[keep]).float().mean()) if n else None
-        return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean())}
+        kept_conf = float(conf[keep].min()) if n else None
+        return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean()), "pseudo_min_conf": kept_conf, **extra}
 
     def _pseudo_batch(self, batch_size: int) -> Any:
         """A random batch of pseudo-labelled images, augmented like the labelled ones
@@ -624,7 +662,7 @@ class Trainer:
             row = {"epoch": epoch + 1}
             if self.method.uses_unlabelled and epoch >= cfg.pseudo_start and (epoch % cfg.update_interval == 0 or self.pseudo is None):
                 t_pl = time.perf_counter()
-                row.update(self.pseudo_label())
+                row.update(self.pseudo_label(epoch))
                 refresh_s += time.perf_counter() - t_pl
             row.update(self.train_epoch(epoch, total_steps))
             train_s = time.perf_counter() - t0
