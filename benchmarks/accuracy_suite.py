@@ -42,7 +42,7 @@ PARTS: dict[str, dict] = {
         "title": "CIFAR-10, 10% labels: the semi-supervised method on the 90% unlabelled images",
         "dataset": "cifar10",
         "epochs": {"mbdml_semi": 60},
-        "settings": dict(RECIPE, pseudo_threshold=0.95),
+        "settings": dict(RECIPE, pseudo_fraction=0.8),
     },
     "fashion": {
         "title": "Fashion-MNIST, 10% labels: the same comparison at an equal time budget",
