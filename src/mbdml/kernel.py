@@ -119,10 +119,9 @@ class _SampledDot(torch.autograd.Function):
 
     @staticmethod
     def weighted_rows(weights: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        g = weights.to(centres.dtype).contiguous()
         if centres.shape[1] < 512:  # narrow rows: embedding_bag's weighted sum is the faster reader
-            return F.embedding_bag(idx, centres, per_sample_weights=g, mode="sum")
-        return _SampledDot.pattern(idx, g, centres.shape[0]) @ centres
+            return _GatheredDot.weighted_rows(weights, centres, idx)
+        return _SampledDot.pattern(idx, weights.to(centres.dtype).contiguous(), centres.shape[0]) @ centres
 
     @staticmethod
     def forward(ctx: Any, f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -174,7 +173,8 @@ class _KernelLogProbs(torch.autograd.Function):
     after ``min_prob`` is given to the classes with no neighbour.
 
     Autograd would record about 25 small (B, K) operations and replay them backwards;
-    this node keeps two (B, K) tensors and writes the gradient in closed form:
+    this node keeps the neighbour lists, their labels and one (B, K) tensor of weights
+    (plus three (B, C) ones) and writes the gradient in closed form:
 
         s_j    = k_j / (mass of class y_j)        (softmax within the neighbour's class)
         P_c    = mass of class c / total mass     (before min_prob and renormalising)

@@ -400,7 +400,7 @@ class Trainer:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------ pseudo-labels
-    def pseudo_label(self, epoch: int | None = None) -> dict[str, Any]:
+    def pseudo_label(self, epoch: int) -> dict[str, Any]:
         """Label the unlabelled images with the kernel classifier; keep the confident ones.
 
         Each unlabelled image gets its K nearest centres, the kernel classifier's class
@@ -433,7 +433,7 @@ class Trainer:
         idx, lab, conf, nbrs = gather(idx_all), gather(lab_all), gather(conf_all), gather(nb_all)
         extra: dict[str, Any] = {}
         if cfg.pseudo_fraction is not None:
-            share = pseudo_share(cfg, cfg.pseudo_start if epoch is None else epoch)
+            share = pseudo_share(cfg, epoch)
             keep = select_by_rank(conf, lab, int(self.kernel.num_classes), share)
             extra["pseudo_target_fraction"] = share
         else:
