@@ -243,6 +243,16 @@ def test_pseudo_share_grows_linearly_to_the_fraction():
     assert [round(pseudo_share(cfg, e), 3) for e in (4, 8, 12, 16, 19)] == [0.2, 0.4, 0.6, 0.8, 0.8]
 
 
+def test_first_labelling_at_pseudo_start_is_not_repeated_at_the_next_refresh(tmp_path):
+    """pseudo_start = 1 with a refresh every 2 epochs: the images are labelled before
+    epoch 2 (1-based), not again before epoch 3 (one epoch later), then before epoch 5,
+    the first refresh at least update_interval epochs after the last labelling."""
+    opts = dict(method="mbdml_semi", max_epochs=6, update_interval=2, eval_every=6, pseudo_start=1, pseudo_fraction=0.5, name="schedule")
+    rows = train(small(tmp_path, **opts)).history
+    assert [r["epoch"] for r in rows if "pseudo_n" in r] == [2, 5]
+    assert rows[1]["refresh_s"] > 0  # the centres, stale at pseudo_start, were refreshed for it
+
+
 def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path):
     opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=4, pseudo_start=1, pseudo_fraction=0.6, name="rank")
     rows = train(small(tmp_path, **opts)).history

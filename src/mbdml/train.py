@@ -444,6 +444,23 @@ class Trainer:
         kept_conf = float(conf[keep].min()) if n else None
         return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean()), "pseudo_min_conf": kept_conf, **extra}
 
+    def _labelling_due(self, epoch: int) -> bool:
+        """Whether the unlabelled images are (re)labelled before ``epoch`` (0-based).
+
+        The first labelling comes at ``pseudo_start`` (the centres are refreshed for it
+        if they are stale), the next ones at the centre refreshes that come at least
+        ``update_interval`` epochs after the previous labelling, so a ``pseudo_start``
+        just before a refresh does not label everything twice in a row. The epochs
+        already labelled are read from the history, so a resumed run keeps the schedule.
+        """
+        cfg = self.cfg
+        if not self.method.uses_unlabelled or epoch < int(cfg.pseudo_start or 0):
+            return False
+        labelled = [int(r["epoch"]) - 1 for r in self.history if "pseudo_n" in r]
+        if self.pseudo is None or not labelled:
+            return True
+        return epoch % cfg.update_interval == 0 and epoch - labelled[-1] >= cfg.update_interval
+
     def _pseudo_batch(self, batch_size: int) -> Any:
         """A random batch of pseudo-labelled images, augmented like the labelled ones
         (drawn for the global batch, then this process's slice)."""
@@ -657,10 +674,11 @@ class Trainer:
             # Methods whose loss never reads the centres (softmax, mixup, the pair- and
             # proxy-based baselines) only need them for evaluation, refreshed there.
             trains_on_centres = self.method.uses_kernel_loss or self.method.uses_unlabelled
-            if trains_on_centres and epoch % cfg.update_interval == 0 and not centres_fresh:
+            labelling = self._labelling_due(epoch)
+            if trains_on_centres and (epoch % cfg.update_interval == 0 or labelling) and not centres_fresh:
                 refresh_s = self.refresh_centres()
             row = {"epoch": epoch + 1}
-            if self.method.uses_unlabelled and epoch >= cfg.pseudo_start and (epoch % cfg.update_interval == 0 or self.pseudo is None):
+            if labelling:
                 t_pl = time.perf_counter()
                 row.update(self.pseudo_label(epoch))
                 refresh_s += time.perf_counter() - t_pl
