@@ -73,6 +73,17 @@ def test_scratch_preset_is_the_validated_recipe():
     assert make_config("scratch", max_epochs=5).max_epochs == 5
 
 
+def test_finetune_preset_is_the_scratch_recipe_on_pretrained_lite0():
+    cfg = make_config("finetune", method="mbdml1").resolved()
+    assert (cfg.model, cfg.pretrained, cfg.input_size, cfg.mean, cfg.std) == ("efficientnet_lite0", "imagenet", 64, (0.5,), (0.5,))
+    assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.02, 0.1)
+    assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 30)
+    assert cfg.preset == "finetune"
+    # Explicit values win, and the preset survives a round trip through config.json.
+    assert make_config("finetune", learning_rate=0.01, input_size=96).input_size == 96
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_augmentation_defaults_follow_the_images():
     grey = RunConfig().with_data(channels=1, image_side=8)
     colour = RunConfig().with_data(channels=3, image_side=32)
