@@ -112,7 +112,13 @@ def comparison_table(rows: list[dict]) -> str:
 
 def parse_settings(pairs: list[str]) -> dict:
     """KEY=VALUE strings to configuration values (JSON where it parses as JSON)."""
-    return {k: json.loads(v) if v[:1] in "0123456789-[{tfn" else v for k, v in (s.split("=", 1) for s in pairs)}
+    def value(text: str):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text  # a bare word such as finetune or bf16
+
+    return {k: value(v) for k, v in (s.split("=", 1) for s in pairs)}
 
 
 def main() -> None:
