@@ -155,17 +155,12 @@ def child(spec: dict) -> None:
 
 def exact_reference(n: int, dim: int, k: int, clustered: bool, rows) -> "object":
     """Exact K nearest other centres of the given rows (faiss flat, else our generic search)."""
-    import torch
+    import importlib.util
 
     from mbdml.neighbours import knn_search
 
     centres = make_centres(n, dim, clustered)
-    try:
-        import faiss  # noqa: F401
-
-        backend = "faiss"
-    except ImportError:
-        backend = "torch"
+    backend = "faiss" if importlib.util.find_spec("faiss") is not None else "torch"
     return knn_search(centres[rows], centres, k, exclude=rows, backend=backend).indices
 
 
