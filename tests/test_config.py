@@ -90,3 +90,12 @@ def test_augmentation_defaults_follow_the_images():
     assert (grey.flip, grey.crop_padding) == (False, 1)
     assert (colour.flip, colour.crop_padding) == (True, 4)
     assert RunConfig(flip=True, crop_padding=0).with_data(1, 8).flip is True  # explicit values win
+
+
+def test_freeze_stages_needs_a_pretrained_trunk_and_a_count():
+    with pytest.raises(ConfigError, match="pretrained"):
+        make_config(freeze_stages=2).validate()
+    with pytest.raises(ConfigError, match="freeze_stages must be a whole number"):
+        make_config("finetune", freeze_stages=-1).validate()
+    cfg = make_config("finetune", freeze_stages=3).resolved()
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).freeze_stages == 3

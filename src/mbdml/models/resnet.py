@@ -159,6 +159,10 @@ class SmallResNet(nn.Module):
         self.feature_dim = 8 * w
         _init_weights(self)
 
+    def stages(self) -> list[list[nn.Module]]:
+        """The stem, then each stage, input side first (see ``freeze_stages``)."""
+        return [[self.stem], [self.layer1], [self.layer2], [self.layer3]]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
@@ -287,6 +291,10 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = 512 * block.expansion
         _init_weights(self)
+
+    def stages(self) -> list[list[nn.Module]]:
+        """The stem, then each stage, input side first (see ``freeze_stages``)."""
+        return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
 
     def _make_layer(
         self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int = 1
