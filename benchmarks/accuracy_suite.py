@@ -41,7 +41,7 @@ PARTS: dict[str, dict] = {
         "settings": dict(RECIPE),
     },
     "finetune": {
-        "title": "CIFAR-10, 10% labels, ImageNet-pretrained EfficientNet-Lite0 at 64 px (the finetune preset), at an equal time budget",
+        "title": "CIFAR-10, 10% labels, ImageNet-pretrained EfficientNet-Lite0 at 96 px, first 3 stages fixed (the finetune preset), at an equal time budget",
         "dataset": "cifar10",
         "epochs": {"mbdml1": 30, "nngk": 60, "mixup": 60},
         "settings": {"preset": "finetune", "amp": "bf16"},

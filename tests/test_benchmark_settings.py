@@ -41,4 +41,5 @@ def test_every_accuracy_suite_part_is_a_valid_configuration(name):
             got = getattr(cfg, key)
             assert got == value or (isinstance(got, tuple) and list(got) == value), (key, got, value)
     if name == "finetune":
-        assert (cfg.model, cfg.pretrained, cfg.input_size) == ("efficientnet_lite0", "imagenet", 64)
+        assert (cfg.model, cfg.pretrained, cfg.input_size) == ("efficientnet_lite0", "imagenet", 96)
+        assert cfg.freeze_stages == 3

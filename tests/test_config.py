@@ -75,12 +75,14 @@ def test_scratch_preset_is_the_validated_recipe():
 
 def test_finetune_preset_is_the_scratch_recipe_on_pretrained_lite0():
     cfg = make_config("finetune", method="mbdml1").resolved()
-    assert (cfg.model, cfg.pretrained, cfg.input_size, cfg.mean, cfg.std) == ("efficientnet_lite0", "imagenet", 64, (0.5,), (0.5,))
+    assert (cfg.model, cfg.pretrained, cfg.input_size, cfg.mean, cfg.std) == ("efficientnet_lite0", "imagenet", 96, (0.5,), (0.5,))
+    assert cfg.freeze_stages == 3
     assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.02, 0.1)
     assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 30)
     assert cfg.preset == "finetune"
     # Explicit values win, and the preset survives a round trip through config.json.
-    assert make_config("finetune", learning_rate=0.01, input_size=96).input_size == 96
+    assert make_config("finetune", learning_rate=0.01, input_size=64).input_size == 64
+    assert make_config("finetune", freeze_stages=0).freeze_stages == 0
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 

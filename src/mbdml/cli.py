@@ -80,7 +80,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g = p.add_argument_group("what to train")
     if single_run:
         g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
-    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' (that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 64 px) or 'paper' (the authors' set-up)")
+    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' (that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 96 px, its first 3 stages fixed) or 'paper' (the authors' set-up)")
     g.add_argument("--config", metavar="FILE", default=S, help="a config.json of an earlier run to start from (flags override it)")
     if single_run:
         g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
