@@ -179,7 +179,7 @@ class RunConfig:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
         if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
             raise ConfigError(f"freeze_stages must be a whole number >= 0 (0 freezes nothing), got {self.freeze_stages!r}")
-        if self.freeze_stages > 0 and self.pretrained in (None, "", "none", "false"):
+        if self.freeze_stages > 0 and (self.pretrained is None or self.pretrained.strip().lower() in ("", "none", "false")):
             raise ConfigError(
                 f"freeze_stages {self.freeze_stages} would fix randomly initialised layers: it is for a pretrained "
                 "trunk; pass --pretrained (e.g. --model efficientnet_lite0 --pretrained imagenet) or --freeze_stages 0"
