@@ -233,3 +233,41 @@ def test_recalibration_leaves_frozen_stages_alone():
     assert not model.training
     everything = build_model("resnet_small", 3, width=4, freeze_stages=3)  # no trainable BatchNorm left
     assert not recalibrate_batchnorm(everything, [x])
+
+
+@pytest.mark.parametrize("name,size", [("resnet_small", 16), ("resnet18", 32), ("efficientnet_lite0", 32)])
+def test_trunk_prefix_then_suffix_is_the_forward_pass(name, size):
+    torch.manual_seed(0)
+    model = build_model(name, 3, embedding_dim=8, width=4).eval()
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        whole = model.trunk(x)
+        for n in range(len(model.trunk.stages())):
+            assert torch.allclose(model.trunk.suffix(model.trunk.prefix(x, n), n), whole, atol=1e-5), n
+        model.freeze_stages(2)
+        h = model.frozen_features(x)
+        assert h.dim() == 4 and h.shape[-1] < size  # a feature map, smaller than the image
+        assert torch.allclose(model.embed_frozen_features(h), model(x), atol=1e-5)
+
+
+def test_frozen_features_need_frozen_stages():
+    model = build_model("resnet_small", 3, embedding_dim=8, width=4)
+    assert not model.splits_at_frozen_stages
+    with pytest.raises(ConfigError, match="freeze_stages > 0"):
+        model.frozen_features(torch.randn(2, 3, 16, 16))
+
+
+def test_recalibration_from_frozen_features_matches_the_whole_network():
+    from mbdml.models import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    a = build_model("resnet_small", 3, embedding_dim=8, width=4, freeze_stages=1)
+    b = build_model("resnet_small", 3, embedding_dim=8, width=4, freeze_stages=1)
+    b.load_state_dict(a.state_dict())
+    xs = [torch.randn(16, 3, 16, 16) * 2 + 1 for _ in range(3)]
+    assert recalibrate_batchnorm(a, xs)
+    with torch.no_grad():
+        kept = [b.frozen_features(x) for x in xs]
+    assert recalibrate_batchnorm(b, kept, forward=b.embed_frozen_features)
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(ta.float(), tb.float(), atol=1e-5), name

@@ -215,13 +215,23 @@ class EfficientNetLite(nn.Module):
             start += size
         return groups
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The feature map after the stem and the first ``n`` stages (see :meth:`suffix`)."""
         check_input(x, self.in_channels, self.arch)
         x = self._relu(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: sum(self._stage_sizes[:n])]:
+            x = block(x)
+        return x
+
+    def suffix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of the trunk from :meth:`prefix`'s output: ``suffix(prefix(x, n), n) == forward(x)``."""
+        for block in self._blocks[sum(self._stage_sizes[:n]) :]:
             x = block(x)
         x = self._relu(self._bn1(self._conv_head(x)))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix(x, 0), 0)
 
 
 def lite0_checkpoint_path() -> str:

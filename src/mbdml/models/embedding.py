@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -87,10 +87,48 @@ class EmbeddingNet(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.trunk(x))
+        return self._finish(self.trunk(x))
+
+    def _finish(self, features: torch.Tensor) -> torch.Tensor:
+        z = self.head(features)
         if self.normalize:
             z = F.normalize(z, p=2, dim=1)
         return z
+
+    @property
+    def splits_at_frozen_stages(self) -> bool:
+        """True when stages are frozen and the trunk can run in two parts (``prefix``/``suffix``)."""
+        return self.frozen_stages > 0 and hasattr(self.trunk, "prefix") and hasattr(self.trunk, "suffix")
+
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the frozen stem and stages: fixed for a given image while training.
+
+        Un-augmented images (centres, evaluation, pseudo-labelling) can therefore be sent
+        through the frozen part once and the result kept (:class:`mbdml.feature_cache.FrozenFeatureCache`);
+        ``embed_frozen_features(frozen_features(x)) == forward(x)``.
+        """
+        if not self.splits_at_frozen_stages:
+            raise ConfigError(
+                "frozen_features needs frozen stages (freeze_stages > 0) and a trunk with prefix() and suffix(); "
+                f"this model has {self.frozen_stages} frozen stages and a {type(self.trunk).__name__} trunk"
+            )
+        return self.trunk.prefix(x, self.frozen_stages)
+
+    def embed_frozen_features(self, h: torch.Tensor) -> torch.Tensor:
+        """The embedding from the output of :meth:`frozen_features` (the trainable part only)."""
+        if not self.splits_at_frozen_stages:
+            raise ConfigError("embed_frozen_features needs frozen stages and a trunk with prefix() and suffix()")
+        return self._finish(self.trunk.suffix(h, self.frozen_stages))
+
+
+NO_PRETRAINED_WORDS = ("", "none", "false")  # --pretrained values that mean random initialisation
+
+
+def means_no_pretrained(pretrained: object) -> bool:
+    """Whether a ``pretrained`` value (None, False, or a word from the command line) asks for no weights."""
+    return pretrained is None or pretrained is False or (
+        isinstance(pretrained, str) and pretrained.strip().lower() in NO_PRETRAINED_WORDS
+    )
 
 
 def build_model(
@@ -119,7 +157,7 @@ def build_model(
     _check_positive_int("in_channels", in_channels)
     if embedding_dim is not None:
         _check_positive_int("embedding_dim", embedding_dim)
-    if pretrained is False or (isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "false")):
+    if means_no_pretrained(pretrained):
         pretrained = None
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("true", "imagenet"):
         pretrained = True  # the command line's --pretrained true: the bundled ImageNet weights
@@ -161,7 +199,9 @@ def set_batchnorm_eval(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> bool:
+def recalibrate_batchnorm(
+    model: nn.Module, batches: Iterable[torch.Tensor], forward: Callable[[torch.Tensor], Any] | None = None
+) -> bool:
     """Recompute every BatchNorm's running statistics exactly, over ``batches``.
 
     While a network trains, BatchNorm's running averages lag behind its weights, so the
@@ -169,7 +209,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     from the train-mode embeddings that the loss sees. Re-estimating the statistics as
     plain averages over the labelled images, right before the centres are computed,
     closes that gap (the 'precise BN' of SWA's ``update_bn``). BatchNorm layers that a
-    model keeps in eval mode when training (frozen stages) are left alone. Returns False
+    model keeps in eval mode when training (frozen stages) are left alone. ``forward``
+    (default: ``model`` itself) runs one batch: e.g. ``model.embed_frozen_features`` when
+    the batches are kept outputs of the frozen stages. Returns False
     when no BatchNorm is left to recompute (nothing done). Leaves the model in eval mode.
     """
     model.train()  # layers that stay in eval mode (frozen stages) keep their statistics
@@ -184,8 +226,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
+    run = model if forward is None else forward
     for x in batches:
-        model(x)
+        run(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()

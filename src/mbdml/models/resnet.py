@@ -164,6 +164,9 @@ class SmallResNet(nn.Module):
         return [[self.stem], [self.layer1], [self.layer2], [self.layer3]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix(x, 0), 0)
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
                 f"SmallResNet expects input of shape (B, {self.in_channels}, H, W), got "
@@ -175,12 +178,21 @@ class SmallResNet(nn.Module):
                 f"SmallResNet needs inputs of at least {self.min_input_size}x{self.min_input_size} "
                 f"pixels, got {x.shape[-2]}x{x.shape[-1]}; resize the images (input_size >= 8)"
             )
+
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The feature map after the stem and the first ``n`` stages (see :meth:`suffix`)."""
+        self._check_input(x)
         if self.stem.conv.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
+        for layer in (self.layer1, self.layer2, self.layer3)[:n]:
+            x = layer(x)
+        return x
+
+    def suffix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of the trunk from :meth:`prefix`'s output: ``suffix(prefix(x, n), n) == forward(x)``."""
+        for layer in (self.layer1, self.layer2, self.layer3)[n:]:
+            x = layer(x)
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
 
@@ -319,16 +331,24 @@ class ResNet(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The feature map after the stem and the first ``n`` stages (see :meth:`suffix`)."""
         check_input(x, self.in_channels, self.arch)
         if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        x = self.layer4(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[:n]:
+            x = layer(x)
+        return x
+
+    def suffix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of the trunk from :meth:`prefix`'s output: ``suffix(prefix(x, n), n) == forward(x)``."""
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4)[n:]:
+            x = layer(x)
         return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.suffix(self.prefix(x, 0), 0)
 
 
 def resnet18(in_channels: int = 3, pretrained: str | os.PathLike | None = None) -> ResNet:
