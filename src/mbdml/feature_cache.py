@@ -1,0 +1,158 @@
+"""Keep the frozen stages' outputs of un-augmented images: computed once per run.
+
+With ``freeze_stages`` the stem and the first stages of a pretrained trunk never change
+while training. For an image seen without augmentation (a centre, a validation or test
+image, an unlabelled image being pseudo-labelled, a BatchNorm recalibration batch) their
+output is therefore the same at every refresh. Kept after the first pass, each later
+pass runs only the trainable part of the network: the early, high-resolution layers are
+where most of a forward pass's time goes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .models.embedding import EmbeddingNet
+
+__all__ = ["FrozenFeatureCache"]
+
+
+@dataclass
+class _Entry:
+    images: torch.Tensor  # pins the source tensor, so its address is not reused while kept
+    plain: torch.Tensor | None = None
+    flipped: torch.Tensor | None = None
+
+
+class FrozenFeatureCache:
+    """The outputs of ``model``'s frozen stages for fixed image tensors, kept in memory.
+
+    A set of images is identified by its tensor (storage, offset, shape, stride): pass
+    the same tensor, or the same slice of it, at every refresh. Nothing is kept beyond
+    ``max_bytes``: a set that does not fit is left to the caller (the methods return
+    None), which embeds it the plain way. The caller chooses the precision: features are
+    kept as the frozen stages return them (bfloat16 under a bfloat16 autocast). Call
+    :meth:`clear` after changing the frozen weights.
+    """
+
+    def __init__(
+        self,
+        model: EmbeddingNet,
+        *,
+        max_bytes: int,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+        mean: tuple[float, ...] = (0.5,),
+        std: tuple[float, ...] = (0.5,),
+        channels_last: bool = False,
+    ) -> None:
+        self.model = model
+        self.max_bytes = int(max_bytes)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.mean, self.std = mean, std
+        self.channels_last = channels_last
+        self.used_bytes = 0
+        self._entries: dict[tuple, _Entry] = {}
+        self._refused: set[tuple] = set()
+        self._frozen_stages = model.frozen_stages
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model has frozen stages it can run apart, and there is room to keep them."""
+        return self.max_bytes > 0 and self.model.splits_at_frozen_stages
+
+    def clear(self) -> None:
+        """Forget everything kept (after the frozen weights or the number of frozen stages changed)."""
+        self._entries.clear()
+        self._refused.clear()
+        self.used_bytes = 0
+        self._frozen_stages = self.model.frozen_stages
+
+    @staticmethod
+    def _key(images: torch.Tensor) -> tuple:
+        return (
+            images.device.type,
+            images.untyped_storage().data_ptr(),
+            images.storage_offset(),
+            tuple(images.shape),
+            tuple(images.stride()),
+        )
+
+    def _inputs(self, images: torch.Tensor, flipped: bool) -> Iterator[torch.Tensor]:
+        from .data.batches import normalize_batch
+
+        for i in range(0, images.shape[0], self.batch_size):
+            x = normalize_batch(images[i : i + self.batch_size].to(self.device), self.mean, self.std)
+            if flipped:
+                x = x.flip(3)
+            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, flipped: bool = False) -> torch.Tensor | None:
+        """The frozen stages' output for uint8 ``images`` (N, C, H, W), or their mirror images.
+
+        Computed on the first call for this tensor and kept; None when the cache is off or
+        the set does not fit in ``max_bytes`` (then nothing is kept for it).
+        """
+        if not self.enabled or images.shape[0] == 0:
+            return None
+        if self.model.frozen_stages != self._frozen_stages:
+            self.clear()
+        key = self._key(images)
+        if key in self._refused:
+            return None
+        entry = self._entries.get(key)
+        kept = None if entry is None else (entry.flipped if flipped else entry.plain)
+        if kept is not None:
+            return kept
+        parts: list[torch.Tensor] = []
+        for x in self._inputs(images, flipped):
+            h = self.model.frozen_features(x)
+            if not parts:  # the first batch tells the size of the whole set
+                need = h[:1].element_size() * h[:1].numel() * images.shape[0]
+                if self.used_bytes + need > self.max_bytes:
+                    self._refused.add(key)
+                    return None
+            parts.append(h)
+        out = torch.cat(parts)
+        self.used_bytes += out.element_size() * out.numel()
+        if entry is None:
+            entry = self._entries[key] = _Entry(images)
+        if flipped:
+            entry.flipped = out
+        else:
+            entry.plain = out
+        return out
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, *, flip_average: bool = False) -> torch.Tensor | None:
+        """Embeddings (N, D), float32, as :func:`mbdml.evaluate.compute_embeddings` gives them,
+        through the kept features; None when they are not (and cannot be) kept.
+
+        The caller puts the model in eval mode (and sets the autocast, as for the plain way).
+        """
+        plain = self.features(images)
+        flipped = self.features(images, flipped=True) if flip_average else None
+        if plain is None or (flip_average and flipped is None):
+            return None
+        out = []
+        for i in range(0, plain.shape[0], self.batch_size):
+            f = self.model.embed_frozen_features(plain[i : i + self.batch_size]).float()
+            if flipped is not None:
+                f = 0.5 * (f + self.model.embed_frozen_features(flipped[i : i + self.batch_size]).float())
+            out.append(f)
+        return torch.cat(out)
+
+    def feature_batches(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
+        """The kept features of ``images`` in batches (cast to ``dtype`` if given), or None."""
+        plain = self.features(images)
+        if plain is None:
+            return None
+        return [
+            plain[i : i + self.batch_size] if dtype is None else plain[i : i + self.batch_size].to(dtype)
+            for i in range(0, plain.shape[0], self.batch_size)
+        ]
