@@ -147,12 +147,9 @@ class FrozenFeatureCache:
             out.append(f)
         return torch.cat(out)
 
-    def feature_batches(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> list[torch.Tensor] | None:
-        """The kept features of ``images`` in batches (cast to ``dtype`` if given), or None."""
+    def feature_batches(self, images: torch.Tensor) -> list[torch.Tensor] | None:
+        """The kept features of ``images`` in batches of ``batch_size`` (views), or None."""
         plain = self.features(images)
         if plain is None:
             return None
-        return [
-            plain[i : i + self.batch_size] if dtype is None else plain[i : i + self.batch_size].to(dtype)
-            for i in range(0, plain.shape[0], self.batch_size)
-        ]
+        return [plain[i : i + self.batch_size] for i in range(0, plain.shape[0], self.batch_size)]

@@ -116,7 +116,6 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     uses_kernel_loss: ClassVar[bool] = False  # kernel weights are trained
     uses_mixup: ClassVar[bool] = False
-    needs_clean_pass: ClassVar[bool] = True
     uses_unlabelled: ClassVar[bool] = False  # the trainer feeds it pseudo-labelled images
 
     def __init__(self, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> None:
@@ -140,15 +139,6 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
-    def _embed(self, model: EmbeddingModel, images: torch.Tensor, mixed: MixedBatch | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Clean and mixed embeddings, in one forward pass when both are needed."""
-        if mixed is None:
-            return model(images), None
-        if not self.needs_clean_pass:
-            return None, model(mixed.inputs)
-        both = model(torch.cat([images, mixed.inputs]))
-        return both[: images.shape[0]], both[images.shape[0] :]
-
     def _clean_and_mixed(
         self, model: EmbeddingModel, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, generator: torch.Generator | None
     ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, MixedBatch, torch.Tensor, torch.Tensor]:
@@ -255,7 +245,6 @@ class MixupMethod(_HeadMixin, Method):
 
     name = "mixup"
     uses_mixup = True
-    needs_clean_pass = False
 
     def __init__(self, kernel, embedding_dim, num_classes, options=None):
         super().__init__(kernel, embedding_dim, num_classes, options)
@@ -267,7 +256,7 @@ class MixupMethod(_HeadMixin, Method):
 
     def forward(self, model, images, labels, indices, generator=None):
         mixed = mixup_batch(images, labels, self.options.alpha, generator)
-        _, f_mixed = self._embed(model, images, mixed)
+        f_mixed = model(mixed.inputs)
         ce, pred = self._mixup_ce(f_mixed, mixed)
         loss = self.options.scale_mixup * ce
         return LossOutput(loss, {"mixup_ce": ce.detach(), "lam": mixed.lam}, pred, _dominant_labels(mixed))
@@ -278,7 +267,6 @@ class MbDML1(MixupMethod):
 
     name = "mbdml1"
     uses_kernel_loss = True
-    needs_clean_pass = True
 
     def forward(self, model, images, labels, indices, generator=None):
         (_, y, idx), _, mixed, f, f_mixed = self._clean_and_mixed(model, images, labels, indices, generator)
@@ -294,11 +282,10 @@ class MbDML2(Method):
     name = "mbdml2"
     uses_kernel_loss = True
     uses_mixup = True
-    needs_clean_pass = False
 
     def forward(self, model, images, labels, indices, generator=None):
         mixed = mixup_batch(images, labels, self.options.alpha, generator)
-        _, f_mixed = self._embed(model, images, mixed)
+        f_mixed = model(mixed.inputs)
         term, pred = self._mixed_nngk(f_mixed, indices, mixed)
         loss = self.options.scale_mixup * term
         return LossOutput(loss, {"mixup_nngk": term.detach(), "lam": mixed.lam}, pred, _dominant_labels(mixed))
