@@ -29,7 +29,7 @@ import torch
 from mbdml.evaluate import compute_embeddings
 from mbdml.feature_cache import FrozenFeatureCache
 from mbdml.models import build_model, recalibrate_batchnorm
-from mbdml.data.batches import normalize_batch
+from mbdml.data.batches import normalized_batches
 
 
 def main() -> None:
@@ -57,8 +57,7 @@ def main() -> None:
     cache = FrozenFeatureCache(model, max_bytes=16 * 2**30, batch_size=bs, device=device, channels_last=True)
 
     def plain_refresh() -> torch.Tensor:
-        batches = (normalize_batch(labelled[i : i + bs].to(device), (0.5,), (0.5,)).contiguous(memory_format=torch.channels_last)
-                   for i in range(0, len(labelled), bs))
+        batches = normalized_batches(labelled, bs, device=device, channels_last=True)
         with autocast():  # as the trainer does: under the training steps' autocast
             recalibrate_batchnorm(model, batches)
         with torch.no_grad(), autocast():

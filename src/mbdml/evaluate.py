@@ -34,13 +34,10 @@ def compute_embeddings(
     The caller puts the model in eval mode (test-time behaviour, no gradient).
     ``flip_average`` averages the embeddings of each image and its mirror image.
     """
-    from .data.batches import normalize_batch
+    from .data.batches import normalized_batches
 
     out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = normalize_batch(images[i : i + batch_size].to(device), mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    for x in normalized_batches(images, batch_size, device=device, mean=mean, std=std, channels_last=channels_last):
         f = model(x).float()
         if flip_average:
             f = 0.5 * (f + model(x.flip(3)).float())

@@ -11,10 +11,9 @@ where most of a forward pass's time goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
 import torch
 
+from .data.batches import normalized_batches
 from .models.embedding import EmbeddingNet
 
 __all__ = ["FrozenFeatureCache"]
@@ -82,15 +81,6 @@ class FrozenFeatureCache:
             tuple(images.stride()),
         )
 
-    def _inputs(self, images: torch.Tensor, flipped: bool) -> Iterator[torch.Tensor]:
-        from .data.batches import normalize_batch
-
-        for i in range(0, images.shape[0], self.batch_size):
-            x = normalize_batch(images[i : i + self.batch_size].to(self.device), self.mean, self.std)
-            if flipped:
-                x = x.flip(3)
-            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
     @torch.no_grad()
     def features(self, images: torch.Tensor, flipped: bool = False) -> torch.Tensor | None:
         """The frozen stages' output for uint8 ``images`` (N, C, H, W), or their mirror images.
@@ -110,7 +100,10 @@ class FrozenFeatureCache:
         if kept is not None:
             return kept
         parts: list[torch.Tensor] = []
-        for x in self._inputs(images, flipped):
+        inputs = normalized_batches(
+            images, self.batch_size, device=self.device, mean=self.mean, std=self.std, channels_last=self.channels_last, flipped=flipped
+        )
+        for x in inputs:
             h = self.model.frozen_features(x)
             if not parts:  # the first batch tells the size of the whole set
                 need = h[:1].element_size() * h[:1].numel() * images.shape[0]

@@ -380,22 +380,18 @@ class Trainer:
         Under the same autocast as the training steps (whose statistics these stand in
         for) and the centres. With frozen stages their kept outputs are used.
         """
-        from .data.batches import normalize_batch
+        from .data.batches import normalized_batches
 
         cfg, images = self.cfg, self.data.train.images
-        bs = max(256, cfg.batch_size)
-
-        def batches():
-            for i in range(0, images.shape[0], bs):
-                x = normalize_batch(images[i : i + bs].to(self.device), cfg.mean, cfg.std)
-                yield x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
-
         with self._autocast():
             kept = self.frozen_cache.feature_batches(images)
             if kept is not None:
                 recalibrate_batchnorm(self.model, kept, forward=self.model.embed_frozen_features)
             else:
-                recalibrate_batchnorm(self.model, batches())
+                batches = normalized_batches(
+                    images, max(256, cfg.batch_size), device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last
+                )
+                recalibrate_batchnorm(self.model, batches)
 
     def refresh_centres(self) -> float:
         """Recompute every centre and the training neighbour lists; returns seconds.

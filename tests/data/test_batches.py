@@ -233,3 +233,15 @@ def test_loader_on_cuda_matches_cpu() -> None:
 
     for u, v in zip(run("cpu"), run("cuda")):
         assert torch.allclose(u.float(), v.float(), atol=1e-5)
+
+
+def test_normalized_batches_keep_order_and_mirror_on_request():
+    from mbdml.data.batches import normalize_batch, normalized_batches
+
+    images = torch.randint(0, 256, (10, 3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    plain = list(normalized_batches(images, 4, mean=(0.4,), std=(0.2,)))
+    assert [b.shape[0] for b in plain] == [4, 4, 2]
+    assert torch.equal(torch.cat(plain), normalize_batch(images, (0.4,), (0.2,)))
+    mirrored = list(normalized_batches(images, 4, mean=(0.4,), std=(0.2,), flipped=True, channels_last=True))
+    assert torch.equal(torch.cat(mirrored), torch.cat(plain).flip(3))
+    assert mirrored[0].is_contiguous(memory_format=torch.channels_last)

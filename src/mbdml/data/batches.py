@@ -165,6 +165,25 @@ def normalize_batch(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[
     return torch.addcmul(shift, x_uint8.to(torch.float32), scale)
 
 
+def normalized_batches(
+    images: torch.Tensor,
+    batch_size: int,
+    *,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    channels_last: bool = False,
+    flipped: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Un-augmented network inputs: uint8 ``images`` in order, ``batch_size`` at a time,
+    moved to ``device`` and normalised (mirrored with ``flipped``; channels-last on request)."""
+    for i in range(0, images.shape[0], batch_size):
+        x = normalize_batch(images[i : i + batch_size].to(device), mean, std)
+        if flipped:
+            x = x.flip(3)
+        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @dataclass
 class Batch:
     """One batch: normalised float images and labels on the device, and ``indices``, the
