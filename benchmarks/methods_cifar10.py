@@ -49,8 +49,10 @@ def run_comparison(
     extra: dict,
     save_dir: str,
     eval_every: int | None = None,
+    method_settings: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Train every method on every seed's split; one row of figures per run."""
+    """Train every method on every seed's split; one row of figures per run.
+    ``method_settings`` adds (or overrides) settings of one method only."""
     base = dict(dataset=dataset, save_dir=save_dir, progress=False, **extra)
     rows = []
     for seed in seeds:
@@ -58,7 +60,8 @@ def run_comparison(
         for method in methods:
             n = epochs[method]
             every = eval_every or max(1, n // 2)
-            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **base)
+            own = {**base, **(method_settings or {}).get(method, {})}
+            cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **own)
             t0 = time.perf_counter()
             res = Trainer(cfg, data=data, run_dir=Path(save_dir) / f"{method}-seed{seed}").run()
             s = res.summary

@@ -33,11 +33,15 @@ def test_every_accuracy_suite_part_is_a_valid_configuration(name):
     part = PARTS[name]
     settings = part["settings"]
     assert settings.get("preset", "default") in PRESETS
+    own = part.get("method_settings", {})
+    assert set(own) <= set(part["epochs"]), "settings for a method the part does not run"
     for method, epochs in part["epochs"].items():
         assert method in METHODS
-        cfg = make_config(method=method, dataset=part["dataset"], max_epochs=epochs, seed=0, **settings)
+        merged = {**settings, **own.get(method, {})}
+        cfg = make_config(method=method, dataset=part["dataset"], max_epochs=epochs, seed=0, **merged)
+        cfg.validate()
         assert (cfg.method, cfg.max_epochs) == (method, epochs)
-        for key, value in settings.items():
+        for key, value in merged.items():
             got = getattr(cfg, key)
             assert got == value or (isinstance(got, tuple) and list(got) == value), (key, got, value)
     if name == "finetune":

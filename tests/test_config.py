@@ -104,7 +104,7 @@ def test_freeze_stages_needs_a_pretrained_trunk_and_a_count():
 
 
 def test_split_batch_is_refused_where_there_is_nothing_to_split():
-    with pytest.raises(ConfigError, match="only mbdml1 and mbdml3 have"):
+    with pytest.raises(ConfigError, match="only mbdml1, mbdml3, mbdml_semi, mbdml1_semi have"):
         make_config(method="mixup", split_batch=True).validate()
     cfg = make_config(method="mbdml1", split_batch=True).resolved()
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).split_batch

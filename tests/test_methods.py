@@ -197,3 +197,62 @@ def test_semi_supervised_loss_matches_its_formula(rule):
     plain = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4))
     m3 = build_method("mbdml3", kernel, DIM, NUM_CLASSES, MethodOptions(scale_mixup=s, beta=b, mixed_neighbours=rule))
     assert plain.loss.item() == pytest.approx(m3(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4)).loss.item(), rel=1e-6)
+
+
+def _pseudo_batch(model, kernel, n, seed=8):
+    from mbdml.methods import PseudoBatch
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, 5, generator=g)
+    with torch.no_grad():
+        nb_u = kernel.neighbours(model(u))
+    return PseudoBatch(u, torch.randint(0, NUM_CLASSES, (n,), generator=g), nb_u)
+
+
+def test_mbdml1_semi_loss_matches_its_formula():
+    """b NNGK(x) + w NNGK(u, pseudo labels) + s [lam CE(h(x~), y) + (1 - lam) CE(h(x~), y_u)], x~ = lam x + (1 - lam) u."""
+    from mbdml.mixup import sample_lambda
+
+    s, b, w = 0.7, 1.3, 0.4
+    method, model, x, y, kernel = make("mbdml1_semi", scale_mixup=s, beta=b, pseudo_weight=w)
+    idx = torch.arange(6)
+    pb = _pseudo_batch(model, kernel, 6)
+    out = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4), pseudo=pb)
+    lam = sample_lambda(1.0, torch.Generator().manual_seed(4))
+    logits = method.head(model(lam * x[:6] + (1 - lam) * pb.images))
+    ce = lam * F.cross_entropy(logits, y[:6]) + (1 - lam) * F.cross_entropy(logits, pb.labels)
+    own = kernel.train_neighbours[idx]
+    expected = b * nll_spec(model(x[:6]), y[:6], kernel, own) + w * nll_spec(model(pb.images), pb.labels, kernel, pb.neighbours) + s * ce
+    assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert set(out.parts) >= {"nngk", "pseudo_nngk", "mixup_ce"}
+    # without pseudo-labelled images it is MbDML1 (same head, same draw)
+    plain = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4))
+    m1 = build_method("mbdml1", kernel, DIM, NUM_CLASSES, MethodOptions(scale_mixup=s, beta=b))
+    m1.head.load_state_dict(method.head.state_dict())
+    assert plain.loss.item() == pytest.approx(m1(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4)).loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mbdml_semi", "mbdml1_semi"])
+def test_semi_split_batch_has_clean_first_halves_and_mixes_the_second_halves(name):
+    from mbdml.mixup import sample_lambda
+
+    s, b, w = 0.7, 1.3, 0.4
+    method, model, x, y, kernel = make(name, scale_mixup=s, beta=b, pseudo_weight=w, split_batch=True)
+    idx = torch.arange(8)
+    pb = _pseudo_batch(model, kernel, 8)
+    seen = []
+    counting = lambda inp: (seen.append(inp.shape[0]), model(inp))[1]  # noqa: E731
+    out = method(counting, x[:8], y[:8], idx, torch.Generator().manual_seed(5), pseudo=pb)
+    assert seen == [12]  # 4 clean labelled + 4 clean pseudo-labelled + 4 mixed: 1.5 passes per labelled image
+    lam = sample_lambda(1.0, torch.Generator().manual_seed(5))
+    fm = model(lam * x[4:8] + (1 - lam) * pb.images[4:])
+    if name == "mbdml1_semi":
+        logits = method.head(fm)
+        term = lam * F.cross_entropy(logits, y[4:8]) + (1 - lam) * F.cross_entropy(logits, pb.labels[4:])
+    else:
+        own = kernel.train_neighbours[idx[4:]]
+        term = lam * nll_spec(fm, y[4:8], kernel, own) + (1 - lam) * nll_spec(fm, pb.labels[4:], kernel, own)
+    clean = nll_spec(model(x[:4]), y[:4], kernel, kernel.train_neighbours[idx[:4]])
+    clean_u = nll_spec(model(pb.images[:4]), pb.labels[:4], kernel, pb.neighbours[:4])
+    assert out.loss.item() == pytest.approx(float((b * clean + w * clean_u + s * term).detach()), rel=1e-5)
+    assert torch.equal(out.targets, y[:4])

@@ -253,8 +253,9 @@ def test_first_labelling_at_pseudo_start_is_not_repeated_at_the_next_refresh(tmp
     assert rows[1]["refresh_s"] > 0  # the centres, stale at pseudo_start, were refreshed for it
 
 
-def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path):
-    opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=4, pseudo_start=1, pseudo_fraction=0.6, name="rank")
+@pytest.mark.parametrize("method", ["mbdml_semi", "mbdml1_semi"])
+def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path, method):
+    opts = dict(method=method, max_epochs=4, update_interval=1, eval_every=4, pseudo_start=1, pseudo_fraction=0.6, name="rank")
     rows = train(small(tmp_path, **opts)).history
     n_unl = prepare_data(small(tmp_path)).unlabelled_count
     shares = [r["pseudo_target_fraction"] for r in rows[1:]]

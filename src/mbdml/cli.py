@@ -129,10 +129,10 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
     g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
     g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
-    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default False)")
+    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3 and the semi-supervised methods: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default False)")
     g.add_argument("--label_smoothing", type=finite_float, default=S, help="label smoothing epsilon for the NNGK and cross-entropy terms (default 0)")
 
-    g = p.add_argument_group("semi-supervised (method mbdml_semi: the unlabelled images get pseudo-labels)")
+    g = p.add_argument_group("semi-supervised (methods mbdml_semi, mbdml1_semi: the unlabelled images get pseudo-labels)")
     g.add_argument("--pseudo_threshold", type=finite_float, default=S, help="kernel-classifier confidence an unlabelled image needs to be used (default 0.9)")
     g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based) that uses pseudo-labels; labelled images only before (default: a quarter of the epochs)")
     g.add_argument(

@@ -85,8 +85,8 @@ class RunConfig:
     mixup_head: str = "linear"
     mixed_neighbours: str = "sample"
     label_smoothing: float = 0.0  # for the NNGK and cross-entropy terms
-    split_batch: bool = False  # mbdml1/mbdml3: clean term on half the batch, mixed on the other half (one pass)
-    # semi-supervised (method mbdml_semi): pseudo-labels from the kernel classifier
+    split_batch: bool = False  # mbdml1/mbdml3 and the semi methods: clean term on half the batch, mixed on the other half (one pass)
+    # semi-supervised (methods mbdml_semi, mbdml1_semi): pseudo-labels from the kernel classifier
     pseudo_threshold: float = 0.9  # keep an unlabelled image when its top class probability reaches this
     pseudo_start: int | None = None  # first epoch (0-based) with pseudo-labels; None: a quarter of max_epochs
     pseudo_weight: float = 1.0  # weight of the pseudo-labelled images' NNGK loss
@@ -180,9 +180,10 @@ class RunConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
-        if self.split_batch and self.method not in ("mbdml1", "mbdml3"):
+        splitting = ("mbdml1", "mbdml3", "mbdml_semi", "mbdml1_semi")
+        if self.split_batch and self.method not in splitting:
             raise ConfigError(
-                f"split_batch shares each batch between a clean and a mixed term, which only mbdml1 and mbdml3 "
+                f"split_batch shares each batch between a clean and a mixed term, which only {', '.join(splitting)} "
                 f"have; method {self.method} does not split that way: drop --split_batch"
             )
         if isinstance(self.frozen_cache_gb, bool) or not isinstance(self.frozen_cache_gb, (int, float)) or not self.frozen_cache_gb >= 0:

@@ -13,8 +13,13 @@ mbdml3     b * NNGK loss + the MbDML2 term               ("Mixup(NNGK) + NNGK")
 softmax    CE(h(f(x)), y): plain supervised training, a reference point
 =========  ==================================================================
 
-MbDML1 and MbDML3 evaluate their clean and mixed terms on the whole batch: two forward
-passes per image. ``split_batch`` (ours) puts the clean term on one half of the
+and two semi-supervised methods (ours, SPEC §8) that also train on unlabelled images u
+pseudo-labelled by the kernel classifier, each labelled image mixed with one of them:
+``mbdml_semi`` (MbDML3 + w * NNGK(u) with the mixed term through the kernel) and
+``mbdml1_semi`` (MbDML1 + w * NNGK(u) with the mixed term through the head h).
+
+MbDML1 and MbDML3 (and the semi-supervised methods) evaluate their clean and mixed terms
+on the whole batch: two forward passes per image. ``split_batch`` (ours) puts the clean term on one half of the
 shuffled batch and mixes the other half among itself: one pass per image, so in a
 fixed time budget they get as many epochs as Mixup, NNGK or MbDML2.
 
@@ -55,7 +60,7 @@ class MethodOptions:
     mixed_neighbours: str = "sample"  # neighbours of a mixed sample: "sample" (N_i), "union" (N_i u N_p(i)), "search"
     centre_momentum: float | None = None  # None: centres only change at refresh (SPEC); m: c_i <- m c_i + (1 - m) f_i after each step
     label_smoothing: float = 0.0  # epsilon of label smoothing, for the NNGK and the cross-entropy terms
-    pseudo_weight: float = 1.0  # mbdml_semi: weight of the NNGK loss of the pseudo-labelled images
+    pseudo_weight: float = 1.0  # mbdml_semi, mbdml1_semi: weight of the NNGK loss of the pseudo-labelled images
     # MbDML1/3: the clean term on one half of each batch, the mixed term on the other half
     # (one forward pass per image, a Mixup step's cost) instead of both on the whole batch
     split_batch: bool = False
@@ -100,7 +105,7 @@ def smoothed_nll(log_probs: torch.Tensor, labels: torch.Tensor, smoothing: float
 
 @dataclass
 class PseudoBatch:
-    """Unlabelled images with pseudo-labels from the kernel classifier (``mbdml_semi``).
+    """Unlabelled images with pseudo-labels from the kernel classifier (``mbdml_semi``, ``mbdml1_semi``).
 
     ``neighbours`` are each image's K nearest centres, found when it was pseudo-labelled.
     """
@@ -306,7 +311,63 @@ class MbDML3(Method):
         return LossOutput(loss, {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "lam": mixed.lam}, pred, y)
 
 
-class MbDMLSemi(MbDML3):
+@dataclass
+class _SemiParts:
+    """The embeddings of one semi-supervised step and what each term needs."""
+
+    f: torch.Tensor  # clean labelled images
+    labels: torch.Tensor
+    indices: torch.Tensor
+    f_pseudo: torch.Tensor  # clean pseudo-labelled images
+    pseudo_labels: torch.Tensor
+    pseudo_neighbours: torch.Tensor
+    f_mixed: torch.Tensor  # lam x + (1 - lam) u, labelled image x paired with pseudo-labelled image u
+    mixed_labels: torch.Tensor
+    mixed_indices: torch.Tensor
+    mixed_pseudo_labels: torch.Tensor
+    mixed_pseudo_neighbours: torch.Tensor
+    lam: float
+
+
+class _SemiSupervisedMixin:
+    """Shared by the semi-supervised methods: one forward pass for the clean labelled,
+    clean pseudo-labelled and mixed (labelled x pseudo-labelled) images.
+
+    By default every labelled image x_i and every pseudo-labelled image u_i appears
+    clean and in the mix x~_i = lam x_i + (1 - lam) u_i (three passes per labelled
+    image). With ``split_batch`` the first halves of both batches are the clean parts
+    and the second halves are mixed pairwise: 1.5 passes per labelled image.
+    """
+
+    options: MethodOptions
+
+    def _semi_parts(self, model: EmbeddingModel, images, labels, indices, pseudo: PseudoBatch, generator) -> _SemiParts:
+        from .mixup import sample_lambda
+
+        b = images.shape[0]
+        if pseudo.images.shape[0] != b:
+            raise ValueError(f"the pseudo-labelled batch has {pseudo.images.shape[0]} images, the labelled one {b}: they must match")
+        lab = (images, labels, indices)
+        unl = (pseudo.images, pseudo.labels, pseudo.neighbours)
+        clean_l = mix_l = lab
+        clean_u = mix_u = unl
+        if self.options.split_batch and b >= 4:
+            half = b // 2
+            clean_l, mix_l = tuple(t[:half] for t in lab), tuple(t[half:] for t in lab)
+            clean_u, mix_u = tuple(t[:half] for t in unl), tuple(t[half:] for t in unl)
+        lam = sample_lambda(self.options.alpha, generator)
+        mixed_inputs = mix_l[0] * lam + mix_u[0] * (1.0 - lam)
+        f_all = model(torch.cat([clean_l[0], clean_u[0], mixed_inputs]))
+        n_l, n_u = clean_l[0].shape[0], clean_u[0].shape[0]
+        return _SemiParts(
+            f_all[:n_l], clean_l[1], clean_l[2],
+            f_all[n_l : n_l + n_u], clean_u[1], clean_u[2],
+            f_all[n_l + n_u :], mix_l[1], mix_l[2], mix_u[1], mix_u[2],
+            lam,
+        )  # fmt: skip
+
+
+class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
     """MbDML3 that also learns from unlabelled images pseudo-labelled by the kernel classifier.
 
     With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch), each
@@ -327,30 +388,50 @@ class MbDMLSemi(MbDML3):
     def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
         if pseudo is None or pseudo.images.shape[0] == 0:
             return super().forward(model, images, labels, indices, generator)
-        b = images.shape[0]
-        if pseudo.images.shape[0] != b:
-            raise ValueError(f"the pseudo-labelled batch has {pseudo.images.shape[0]} images, the labelled one {b}: they must match")
-        from .mixup import sample_lambda
-
-        lam = sample_lambda(self.options.alpha, generator)
-        mixed_inputs = images * lam + pseudo.images * (1.0 - lam)
-        f_all = model(torch.cat([images, pseudo.images, mixed_inputs]))
-        f, f_u, f_mixed = f_all[:b], f_all[b : 2 * b], f_all[2 * b :]
-        nngk, pred = self._nngk_clean(f, labels, indices)
-        nngk_u = self._nll(self.kernel.log_probs(f_u, pseudo.neighbours), pseudo.labels)
-        own = self.kernel.training_neighbours(indices)
+        p = self._semi_parts(model, images, labels, indices, pseudo, generator)
+        nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)
+        nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)
+        own = self.kernel.training_neighbours(p.mixed_indices)
         if self.options.mixed_neighbours == "sample":
             nbrs, valid = own, None
         else:
-            nbrs, _ = torch.cat([own, pseudo.neighbours], 1).sort(dim=1)
+            nbrs, _ = torch.cat([own, p.mixed_pseudo_neighbours], 1).sort(dim=1)
             valid = torch.ones_like(nbrs, dtype=torch.bool)
             valid[:, 1:] = nbrs[:, 1:] != nbrs[:, :-1]
-            valid &= nbrs != indices.unsqueeze(1)
-        log_p = self.kernel.log_probs(f_mixed, nbrs, valid)
-        term = mixed_loss(self._nll, log_p, labels, pseudo.labels, lam)
+            valid &= nbrs != p.mixed_indices.unsqueeze(1)
+        log_p = self.kernel.log_probs(p.f_mixed, nbrs, valid)
+        term = mixed_loss(self._nll, log_p, p.mixed_labels, p.mixed_pseudo_labels, p.lam)
         loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
-        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_nngk": term.detach(), "lam": lam}
-        return LossOutput(loss, parts, pred, labels)
+        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_nngk": term.detach(), "lam": p.lam}
+        return LossOutput(loss, parts, pred, p.labels)
+
+
+class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
+    """MbDML1 (NNGK + Mixup) that also learns from pseudo-labelled unlabelled images.
+
+    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch), each
+    labelled image x_i is mixed with the pseudo-labelled image u_i and the mixup head
+    h is trained on the pair's labels:
+
+        b * NNGK(x) + w * NNGK(u, pseudo labels) + s * [lam CE(h(f(x~)), y) + (1 - lam) CE(h(f(x~)), y_u)]
+
+    with x~ = lam x + (1 - lam) u. Before any image is pseudo-labelled it is exactly
+    MbDML1. With ``split_batch`` it costs 1.5 forward passes per labelled image.
+    """
+
+    name = "mbdml1_semi"
+    uses_unlabelled = True
+
+    def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
+        if pseudo is None or pseudo.images.shape[0] == 0:
+            return super().forward(model, images, labels, indices, generator)
+        p = self._semi_parts(model, images, labels, indices, pseudo, generator)
+        nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)
+        nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)
+        ce = mixed_loss(self._ce, self.head(p.f_mixed), p.mixed_labels, p.mixed_pseudo_labels, p.lam)
+        loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * ce
+        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_ce": ce.detach(), "lam": p.lam}
+        return LossOutput(loss, parts, pred, p.labels)
 
 
 class MetricLearningBaseline(Method):
@@ -421,6 +502,7 @@ METHODS: dict[str, type[Method]] = {
         MbDML2,
         MbDML3,
         MbDMLSemi,
+        MbDML1Semi,
         SoftmaxMethod,
         ContrastiveBaseline,
         ProxyAnchorBaseline,
@@ -430,7 +512,7 @@ METHODS: dict[str, type[Method]] = {
     )
 }
 PAPER_METHODS = ("nngk", "mixup", "mbdml1", "mbdml2", "mbdml3")
-SEMI_SUPERVISED = ("mbdml_semi",)
+SEMI_SUPERVISED = ("mbdml_semi", "mbdml1_semi")
 BASELINES = ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")
 
 
