@@ -340,6 +340,24 @@ class _SemiSupervisedMixin:
     """
 
     options: MethodOptions
+    kernel: NNGKClassifier
+    uses_unlabelled = True
+    mixed_term_name: ClassVar[str] = ""
+
+    def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
+        if pseudo is None or pseudo.images.shape[0] == 0:  # the warm-up: the supervised method
+            return super().forward(model, images, labels, indices, generator)  # type: ignore[misc]
+        p = self._semi_parts(model, images, labels, indices, pseudo, generator)
+        nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)  # type: ignore[attr-defined]
+        nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)  # type: ignore[attr-defined]
+        term = self._mixed_term(p)
+        loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
+        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), self.mixed_term_name: term.detach(), "lam": p.lam}
+        return LossOutput(loss, parts, pred, p.labels)
+
+    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
+        """The lambda-weighted loss of the mixed (labelled x pseudo-labelled) images."""
+        raise NotImplementedError
 
     def _semi_parts(self, model: EmbeddingModel, images, labels, indices, pseudo: PseudoBatch, generator) -> _SemiParts:
         from .mixup import sample_lambda
@@ -383,14 +401,9 @@ class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
     """
 
     name = "mbdml_semi"
-    uses_unlabelled = True
+    mixed_term_name = "mixup_nngk"
 
-    def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
-        if pseudo is None or pseudo.images.shape[0] == 0:
-            return super().forward(model, images, labels, indices, generator)
-        p = self._semi_parts(model, images, labels, indices, pseudo, generator)
-        nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)
-        nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)
+    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
         own = self.kernel.training_neighbours(p.mixed_indices)
         if self.options.mixed_neighbours == "sample":
             nbrs, valid = own, None
@@ -400,10 +413,7 @@ class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
             valid[:, 1:] = nbrs[:, 1:] != nbrs[:, :-1]
             valid &= nbrs != p.mixed_indices.unsqueeze(1)
         log_p = self.kernel.log_probs(p.f_mixed, nbrs, valid)
-        term = mixed_loss(self._nll, log_p, p.mixed_labels, p.mixed_pseudo_labels, p.lam)
-        loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
-        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_nngk": term.detach(), "lam": p.lam}
-        return LossOutput(loss, parts, pred, p.labels)
+        return mixed_loss(self._nll, log_p, p.mixed_labels, p.mixed_pseudo_labels, p.lam)
 
 
 class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
@@ -420,18 +430,10 @@ class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
     """
 
     name = "mbdml1_semi"
-    uses_unlabelled = True
+    mixed_term_name = "mixup_ce"
 
-    def forward(self, model, images, labels, indices, generator=None, pseudo: PseudoBatch | None = None):
-        if pseudo is None or pseudo.images.shape[0] == 0:
-            return super().forward(model, images, labels, indices, generator)
-        p = self._semi_parts(model, images, labels, indices, pseudo, generator)
-        nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)
-        nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)
-        ce = mixed_loss(self._ce, self.head(p.f_mixed), p.mixed_labels, p.mixed_pseudo_labels, p.lam)
-        loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * ce
-        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), "mixup_ce": ce.detach(), "lam": p.lam}
-        return LossOutput(loss, parts, pred, p.labels)
+    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
+        return mixed_loss(self._ce, self.head(p.f_mixed), p.mixed_labels, p.mixed_pseudo_labels, p.lam)
 
 
 class MetricLearningBaseline(Method):
