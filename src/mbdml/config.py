@@ -180,7 +180,7 @@ class RunConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1 (or none for the raw features), got {self.embedding_dim}")
-        splitting = ("mbdml1", "mbdml3", "mbdml_semi", "mbdml1_semi")
+        splitting = [name for name, cls in METHODS.items() if cls.can_split_batch]
         if self.split_batch and self.method not in splitting:
             raise ConfigError(
                 f"split_batch shares each batch between a clean and a mixed term, which only {', '.join(splitting)} "

@@ -18,10 +18,11 @@ pseudo-labelled by the kernel classifier, each labelled image mixed with one of 
 ``mbdml_semi`` (MbDML3 + w * NNGK(u) with the mixed term through the kernel) and
 ``mbdml1_semi`` (MbDML1 + w * NNGK(u) with the mixed term through the head h).
 
-MbDML1 and MbDML3 (and the semi-supervised methods) evaluate their clean and mixed terms
-on the whole batch: two forward passes per image. ``split_batch`` (ours) puts the clean term on one half of the
-shuffled batch and mixes the other half among itself: one pass per image, so in a
-fixed time budget they get as many epochs as Mixup, NNGK or MbDML2.
+MbDML1 and MbDML3 (and the semi-supervised methods) evaluate their clean and mixed
+terms on the whole batch: two forward passes per image. ``split_batch`` (ours) puts the
+clean term on one half of the shuffled batch and mixes the other half among itself: one
+pass per image, so in a fixed time budget they get as many epochs as Mixup, NNGK or
+MbDML2.
 
 plus the paper's pytorch-metric-learning baselines (contrastive, proxyanchor,
 softtriple, supcon, triplet), trained on the same backbone and evaluated with the
@@ -43,7 +44,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .kernel import NNGKClassifier
-from .mixup import MixedBatch, mixed_loss, mixup_batch
+from .mixup import MixedBatch, mixed_loss, mixup_batch, sample_lambda
 
 MIXUP_HEADS = ("linear", "features")
 MIXED_NEIGHBOURS = ("sample", "union", "search")
@@ -61,8 +62,9 @@ class MethodOptions:
     centre_momentum: float | None = None  # None: centres only change at refresh (SPEC); m: c_i <- m c_i + (1 - m) f_i after each step
     label_smoothing: float = 0.0  # epsilon of label smoothing, for the NNGK and the cross-entropy terms
     pseudo_weight: float = 1.0  # mbdml_semi, mbdml1_semi: weight of the NNGK loss of the pseudo-labelled images
-    # MbDML1/3: the clean term on one half of each batch, the mixed term on the other half
-    # (one forward pass per image, a Mixup step's cost) instead of both on the whole batch
+    # MbDML1/3 and the semi-supervised methods: the clean term on one half of each batch, the
+    # mixed term on the other half (one forward pass per image, a Mixup step's cost)
+    # instead of both on the whole batch
     split_batch: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +124,7 @@ class Method(nn.Module):
     uses_kernel_loss: ClassVar[bool] = False  # kernel weights are trained
     uses_mixup: ClassVar[bool] = False
     uses_unlabelled: ClassVar[bool] = False  # the trainer feeds it pseudo-labelled images
+    can_split_batch: ClassVar[bool] = False  # has a clean and a mixed term that ``split_batch`` can share a batch between
 
     def __init__(self, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> None:
         super().__init__()
@@ -272,6 +275,7 @@ class MbDML1(MixupMethod):
 
     name = "mbdml1"
     uses_kernel_loss = True
+    can_split_batch = True
 
     def forward(self, model, images, labels, indices, generator=None):
         (_, y, idx), _, mixed, f, f_mixed = self._clean_and_mixed(model, images, labels, indices, generator)
@@ -302,6 +306,7 @@ class MbDML3(Method):
     name = "mbdml3"
     uses_kernel_loss = True
     uses_mixup = True
+    can_split_batch = True
 
     def forward(self, model, images, labels, indices, generator=None):
         (_, y, idx), mixed_idx, mixed, f, f_mixed = self._clean_and_mixed(model, images, labels, indices, generator)
@@ -360,8 +365,6 @@ class _SemiSupervisedMixin:
         raise NotImplementedError
 
     def _semi_parts(self, model: EmbeddingModel, images, labels, indices, pseudo: PseudoBatch, generator) -> _SemiParts:
-        from .mixup import sample_lambda
-
         b = images.shape[0]
         if pseudo.images.shape[0] != b:
             raise ValueError(f"the pseudo-labelled batch has {pseudo.images.shape[0]} images, the labelled one {b}: they must match")
