@@ -182,7 +182,18 @@ def test_grouping_order(results: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(format_table(cells, style="csv"))))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     assert methods == ["triplet", "nngk", "mbdml2", "mystery"]
-    assert [g for g, _ in METHOD_GROUPS][-1] == "MbDML"
+    # the paper's layout (its methods last), then ours that also use the unlabelled images
+    assert [g for g, _ in METHOD_GROUPS] == ["Baseline losses", "Original methods", "MbDML", "Semi-supervised (ours)"]
+
+
+def test_every_registered_method_has_a_table_name_and_group() -> None:
+    """No method of the package falls into "Other" or shows its registry name."""
+    from mbdml.methods import METHODS
+    from mbdml.report import METHOD_NAMES
+
+    grouped = [m for _, ms in METHOD_GROUPS for m in ms]
+    assert sorted(grouped) == sorted(METHODS) and len(grouped) == len(set(grouped))
+    assert set(METHOD_NAMES) == set(METHODS)
 
 
 def test_dataset_order_given_or_sorted(results: Path) -> None:

@@ -58,6 +58,7 @@ METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Baseline losses", ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")),
     ("Original methods", ("softmax", "mixup", "nngk")),
     ("MbDML", ("mbdml1", "mbdml2", "mbdml3")),
+    ("Semi-supervised (ours)", ("mbdml1_semi", "mbdml_semi")),
 )
 OTHER_GROUP = "Other"
 
@@ -73,6 +74,8 @@ METHOD_NAMES: dict[str, str] = {
     "mbdml1": "MbDML1",
     "mbdml2": "MbDML2",
     "mbdml3": "MbDML3",
+    "mbdml1_semi": "MbDML1-semi",
+    "mbdml_semi": "MbDML3-semi",
 }
 
 DATASET_NAMES: dict[str, str] = {
