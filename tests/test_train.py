@@ -9,7 +9,7 @@ import torch
 
 from mbdml.config import make_config
 from mbdml.errors import DataError, TrainingError
-from mbdml.train import Trainer, load_run, prepare_data, resume, train
+from mbdml.train import Trainer, load_run, prepare_data, resume, select_by_rank, train
 
 
 def small(tmp_path, **kw):
@@ -223,7 +223,6 @@ def test_training_augmentation_fills_cutout_with_the_mean():
 
 
 def test_rank_selection_keeps_the_most_confident_of_each_class():
-    from mbdml.train import select_by_rank
 
     g = torch.Generator().manual_seed(0)
     labels = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(30, dtype=torch.long), torch.full((5,), 2)])
@@ -320,3 +319,26 @@ def test_kept_frozen_features_give_the_same_run(tmp_path):
     assert cached.frozen_cache.used_bytes > 0
     keys = ("loss", "train_acc", "val_acc", "test_acc", "pseudo_n", "pseudo_label_acc")
     assert [[r.get(k) for k in keys] for r in rows] == [[r.get(k) for k in keys] for r in plain]
+
+
+def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_path):
+    cfg = small(tmp_path, method="mbdml1_semi", max_epochs=2, eval_every=2, pseudo_start=1, pseudo_fraction=0.5, name="labeller")
+    trainer = Trainer(cfg)
+    trainer.run()
+    unl = trainer.data.unlabelled
+    with torch.no_grad():
+        emb = trainer._embed(unl.images)
+        kernel = trainer.kernel.log_probs(emb, trainer.kernel.neighbours(emb)).exp()
+        head = torch.softmax(trainer.method.head(emb), dim=1)
+    expected = {"kernel": kernel, "head": head, "mean": (kernel + head) / 2}
+    kept = {}
+    for labeller, probs in expected.items():
+        trainer.cfg.pseudo_labeller = labeller
+        trainer.pseudo_label(epoch=1)  # share 0.5 of the unlabelled images
+        conf, lab = probs.max(1)
+        keep = select_by_rank(conf, lab, 10, share=0.5)
+        idx, labels, _ = trainer.pseudo
+        assert torch.equal(idx, keep.nonzero().flatten()), labeller
+        assert torch.equal(labels, lab[keep]), labeller
+        kept[labeller] = set(idx.tolist())
+    assert kept["kernel"] != kept["head"]  # the two rank the images differently

@@ -72,7 +72,7 @@ def float_list(text: str) -> tuple[float, ...]:
 
 def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
     from .config import DEVICES, OPTIMIZERS, PRESETS, SCHEDULES
-    from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
+    from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
     from .models import MODEL_NAMES
     from .neighbours import SEARCH_BACKENDS
 
@@ -145,6 +145,11 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "--pseudo_ratio", type=int, default=S,
         help="pseudo-labelled images drawn per labelled image at each step; each labelled image of the mix is paired with "
         "this many of them (default 1)",
+    )
+    g.add_argument(
+        "--pseudo_labeller", choices=PSEUDO_LABELLERS, default=S,
+        help="what gives the pseudo-labels and the confidence they are ranked or thresholded by: the kernel classifier "
+        "(default), the mixup head's softmax, or the mean of the two (head and mean: mbdml1_semi)",
     )
 
     g = p.add_argument_group("optimisation")

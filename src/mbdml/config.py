@@ -95,6 +95,9 @@ class RunConfig:
     pseudo_fraction: float | None = None
     # pseudo-labelled images drawn per labelled image at each step (each is used clean or mixed with a labelled image)
     pseudo_ratio: int = 1
+    # what gives the pseudo-labels and their confidence: the kernel classifier, the mixup
+    # head's softmax (methods with a head: mbdml1_semi), or the mean of the two's probabilities
+    pseudo_labeller: str = "kernel"
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -133,7 +136,7 @@ class RunConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}; {fix}")
 
-        from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS
+        from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
         from .models import MODEL_NAMES
         from .models.embedding import means_no_pretrained
         from .neighbours import SEARCH_BACKENDS
@@ -152,6 +155,7 @@ class RunConfig:
         choice("search", self.search, SEARCH_BACKENDS)
         choice("mixup_head", self.mixup_head, MIXUP_HEADS)
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
+        choice("pseudo_labeller", self.pseudo_labeller, PSEUDO_LABELLERS)
         choice("split", self.split, ("random", "folds"))
         choice("amp", self.amp, ("none", "bf16"))
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
@@ -187,6 +191,13 @@ class RunConfig:
             raise ConfigError(
                 f"split_batch shares each batch between a clean and a mixed term, which only {', '.join(splitting)} "
                 f"have; method {self.method} does not split that way: drop --split_batch"
+            )
+        method_cls = METHODS[self.method]
+        if self.pseudo_labeller != "kernel" and method_cls.uses_unlabelled and not method_cls.has_head:
+            with_head = [name for name, cls in METHODS.items() if cls.uses_unlabelled and cls.has_head]
+            raise ConfigError(
+                f"pseudo_labeller {self.pseudo_labeller} reads the mixup head's softmax, and method {self.method} has no head; "
+                f"use --pseudo_labeller kernel, or a method with one: {', '.join(with_head)}"
             )
         if isinstance(self.frozen_cache_gb, bool) or not isinstance(self.frozen_cache_gb, (int, float)) or not self.frozen_cache_gb >= 0:
             raise ConfigError(f"frozen_cache_gb must be a number of GiB >= 0 (0 turns the cache off), got {self.frozen_cache_gb!r}")

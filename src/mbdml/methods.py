@@ -48,6 +48,8 @@ from .mixup import MixedBatch, mixed_loss, mixup_batch, sample_lambda
 
 MIXUP_HEADS = ("linear", "features")
 MIXED_NEIGHBOURS = ("sample", "union", "search")
+# what labels the unlabelled images of the semi-supervised methods (see RunConfig.pseudo_labeller)
+PSEUDO_LABELLERS = ("kernel", "head", "mean")
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Method(nn.Module):
     uses_mixup: ClassVar[bool] = False
     uses_unlabelled: ClassVar[bool] = False  # the trainer feeds it pseudo-labelled images
     can_split_batch: ClassVar[bool] = False  # has a clean and a mixed term that ``split_batch`` can share a batch between
+    has_head: ClassVar[bool] = False  # has a classifier head ``self.head`` (embeddings to class logits)
 
     def __init__(self, kernel: NNGKClassifier, embedding_dim: int, num_classes: int, options: MethodOptions | None = None) -> None:
         super().__init__()
@@ -209,6 +212,8 @@ def _dominant_labels(mixed: MixedBatch) -> torch.Tensor:
 
 class _HeadMixin:
     """The mixup classifier h: a linear layer, or the authors' raw features as logits."""
+
+    has_head: ClassVar[bool] = True
 
     def _make_head(self, embedding_dim: int, num_classes: int, kind: str) -> nn.Module:
         if kind == "features":

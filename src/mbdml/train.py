@@ -444,8 +444,7 @@ class Trainer:
                 stop = min(part.stop, start + block)
                 emb = self._embed(unl.images[start:stop])
                 nbrs = self.kernel.neighbours(emb)
-                log_p = self.kernel.log_probs(emb, nbrs)
-                conf, lab = log_p.exp().max(1)
+                conf, lab = self._pseudo_probabilities(emb, nbrs).max(1)
                 idx_all.append(torch.arange(start, stop, device=self.device))
                 lab_all.append(lab)
                 conf_all.append(conf)
@@ -464,6 +463,20 @@ class Trainer:
         right = float((unl.labels.to(self.device)[idx[keep]] == lab[keep]).float().mean()) if n else None
         kept_conf = float(conf[keep].min()) if n else None
         return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean()), "pseudo_min_conf": kept_conf, **extra}
+
+    def _pseudo_probabilities(self, embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (B, C) that label unlabelled images (``pseudo_labeller``).
+
+        The kernel classifier's probabilities saturate: with unit-length embeddings and
+        sigma 0.3 most images get a top probability of 1.0, so ranking by it cannot tell
+        a sure image from a doubtful one. The mixup head's softmax keeps that order
+        (docs/accuracy.md measures both), hence ``head`` and ``mean``.
+        """
+        kernel = self.kernel.log_probs(embeddings, neighbours).exp()
+        if self.cfg.pseudo_labeller == "kernel":
+            return kernel
+        head = torch.softmax(self.method.head(embeddings).float(), dim=1)
+        return head if self.cfg.pseudo_labeller == "head" else 0.5 * (kernel + head)
 
     def _labelling_due(self, epoch: int) -> bool:
         """Whether the unlabelled images are (re)labelled before ``epoch`` (0-based).
