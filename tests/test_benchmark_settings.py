@@ -47,3 +47,40 @@ def test_every_accuracy_suite_part_is_a_valid_configuration(name):
     if name == "finetune":
         assert (cfg.model, cfg.pretrained, cfg.input_size) == ("efficientnet_lite0", "imagenet", 96)
         assert cfg.freeze_stages == 3
+
+
+def _tiny_run(tmp_path, method):
+    from mbdml.train import train
+
+    cfg = make_config(dataset="digits", method=method, model="resnet_small", width=8, embedding_dim=16, max_epochs=1, k=20,
+                      batch_size=32, sigma=1.0, progress=False, retrieval_metrics=False, save_dir=str(tmp_path),
+                      cache_dir=str(tmp_path / "cache"), name=method)
+    return train(cfg).run_dir
+
+
+def test_pseudo_labellers_prints_a_row_per_share_and_rejects_a_run_without_head(tmp_path, monkeypatch, capsys):
+    import pseudo_labellers
+
+    run_dir = _tiny_run(tmp_path, "mbdml1")
+    monkeypatch.setattr(sys, "argv", ["pseudo_labellers.py", str(run_dir), "--images", "300", "--shares", "0.5,1.0"])
+    pseudo_labellers.main()
+    out = capsys.readouterr().out
+    assert "300 of 1211 unlabelled images" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 0.5 ") or line.startswith("| 1.0 ")]
+    assert len(rows) == 2 and all(0 <= float(v) <= 100 for row in rows for v in row[1:])
+
+    nngk_dir = _tiny_run(tmp_path, "nngk")
+    monkeypatch.setattr(sys, "argv", ["pseudo_labellers.py", str(nngk_dir)])
+    with pytest.raises(SystemExit, match="trained with nngk, which has no mixup head"):
+        pseudo_labellers.main()
+
+
+def test_kept_accuracy_counts_only_the_most_confident_of_each_class():
+    import torch
+    from pseudo_labellers import kept_accuracy
+
+    # 4 images of predicted class 0 and 4 of class 1; the surer half of each is right
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.55, 0.45], [0.1, 0.9], [0.2, 0.8], [0.4, 0.6], [0.45, 0.55]])
+    truth = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])
+    assert kept_accuracy(probs, truth, share=0.5) == 1.0  # 2 per class: the right ones
+    assert kept_accuracy(probs, truth, share=1.0) == 0.5
