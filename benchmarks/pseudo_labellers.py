@@ -11,7 +11,7 @@ seed), and labels them as ``--pseudo_labeller`` would:
 For each share of the images kept by rank (per predicted class, the most confident, as
 ``--pseudo_fraction`` keeps them) it prints the share of kept pseudo-labels that are
 right, using the hidden labels. It also prints how often the kernel's top probability
-is 1.0 in float32 (saturated, so useless for ranking) and the accuracy when the kernel
+is exactly 1.0 (all K nearest centres of one class: no order among those images) and the accuracy when the kernel
 and the head agree. A diagnostic: nothing here feeds a training run.
 
     python benchmarks/pseudo_labellers.py runs/V/mbdml1-seed0 --images 5000

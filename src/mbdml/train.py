@@ -467,9 +467,9 @@ class Trainer:
     def _pseudo_probabilities(self, embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
         """Class probabilities (B, C) that label unlabelled images (``pseudo_labeller``).
 
-        The kernel classifier's probabilities can saturate: with unit-length embeddings
-        and sigma 0.3, the fine-tuned Lite0 of docs/accuracy.md gives 83% of the
-        unlabelled images a top probability of exactly 1.0, so a ranking by it cannot
+        The kernel classifier's probabilities saturate when all K nearest centres are of
+        one class: the fine-tuned Lite0 of docs/accuracy.md gives 83% of the unlabelled
+        images a top probability of exactly 1.0 (K = 200), so a ranking by it cannot
         tell a sure image from a doubtful one. The mixup head's softmax keeps that order
         (``benchmarks/pseudo_labellers.py`` measures both), hence ``head`` and ``mean``.
         """
