@@ -5,6 +5,7 @@ random subset of its unlabelled training images (the same split, drawn from the 
 seed), and labels them as ``--pseudo_labeller`` would:
 
 - kernel: the kernel classifier's class probabilities (K nearest centres);
+- kernel_all: the kernel classifier on every centre;
 - head: the mixup head's softmax;
 - mean: the mean of the two.
 
@@ -62,8 +63,10 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         kernel = run.kernel.log_probs(emb, run.kernel.neighbours(emb)).exp()
+        every = torch.arange(run.kernel.num_centres)
+        kernel_all = torch.cat([run.kernel.log_probs(part, every.expand(len(part), -1)).exp() for part in emb.split(1024)])
         head = torch.softmax(run.method.head(emb).float(), dim=1)
-    labellers = {"kernel": kernel, "head": head, "mean": 0.5 * (kernel + head)}
+    labellers = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": 0.5 * (kernel + head)}
 
     print(f"{run.config.method}, seed {cfg.seed}, epoch {run.epoch}: {len(pick)} of {len(unl)} unlabelled images embedded in {seconds:.0f} s")
     top = kernel.max(1).values

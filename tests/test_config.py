@@ -127,7 +127,8 @@ def test_pseudo_ratio_must_be_a_whole_number_of_at_least_one(value):
 def test_pseudo_labeller_head_needs_a_method_with_a_head():
     with pytest.raises(ConfigError, match="method mbdml_semi has no head; use --pseudo_labeller kernel, or a method with one: mbdml1_semi"):
         make_config(method="mbdml_semi", pseudo_labeller="head").validate()
-    with pytest.raises(ConfigError, match="--pseudo_labeller .softmax. is not known; choose one of: kernel, head, mean"):
+    with pytest.raises(ConfigError, match="--pseudo_labeller .softmax. is not known; choose one of: kernel, kernel_all, head, mean"):
         make_config(method="mbdml1_semi", pseudo_labeller="softmax").validate()
     assert make_config(method="mbdml1_semi", pseudo_labeller="mean").resolved().pseudo_labeller == "mean"
     assert make_config(method="mbdml1", pseudo_labeller="head").validate().method == "mbdml1"  # ignored without unlabelled images
+    assert make_config(method="mbdml_semi", pseudo_labeller="kernel_all").validate().pseudo_labeller == "kernel_all"

@@ -322,18 +322,24 @@ def test_kept_frozen_features_give_the_same_run(tmp_path):
 
 
 def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_path):
+    from spec_reference import spec_loop_probs
+
     cfg = small(tmp_path, method="mbdml1_semi", max_epochs=2, eval_every=2, pseudo_start=1, pseudo_fraction=0.5, name="labeller")
     trainer = Trainer(cfg)
     trainer.run()
-    unl = trainer.data.unlabelled
+    unl, k = trainer.data.unlabelled, trainer.kernel
     with torch.no_grad():
         emb = trainer._embed(unl.images)
-        kernel = trainer.kernel.log_probs(emb, trainer.kernel.neighbours(emb)).exp()
+        kernel = k.log_probs(emb, k.neighbours(emb)).exp()
         head = torch.softmax(trainer.method.head(emb), dim=1)
-    expected = {"kernel": kernel, "head": head, "mean": (kernel + head) / 2}
+        every = torch.arange(k.num_centres).expand(200, -1)  # the plain loop on the first 200 images
+        kernel_all = spec_loop_probs(emb[:200], k.centres, k.centre_labels, k.log_weights, every, k.sigma, 10)
+    expected = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": (kernel + head) / 2}
     kept = {}
-    for labeller, probs in expected.items():
+    for labeller, want in expected.items():
         trainer.cfg.pseudo_labeller = labeller
+        probs = trainer._pseudo_probabilities(emb, k.neighbours(emb))
+        torch.testing.assert_close(probs[: len(want)], want, atol=1e-5, rtol=1e-4, msg=labeller)
         trainer.pseudo_label(epoch=1)  # share 0.5 of the unlabelled images
         conf, lab = probs.max(1)
         keep = select_by_rank(conf, lab, 10, share=0.5)
@@ -341,4 +347,4 @@ def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_p
         assert torch.equal(idx, keep.nonzero().flatten()), labeller
         assert torch.equal(labels, lab[keep]), labeller
         kept[labeller] = set(idx.tolist())
-    assert kept["kernel"] != kept["head"]  # the two rank the images differently
+    assert kept["kernel"] != kept["head"] and kept["kernel"] != kept["kernel_all"]  # they rank the images differently

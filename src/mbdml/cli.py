@@ -148,8 +148,9 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     )
     g.add_argument(
         "--pseudo_labeller", choices=PSEUDO_LABELLERS, default=S,
-        help="what gives the pseudo-labels and the confidence they are ranked or thresholded by: the kernel classifier "
-        "(default), the mixup head's softmax, or the mean of the two (head and mean: mbdml1_semi)",
+        help="what gives the pseudo-labels and the confidence they are ranked or thresholded by: the kernel classifier on "
+        "the K nearest centres (default), the kernel classifier on every centre (kernel_all), the mixup head's softmax "
+        "(head), or the mean of kernel and head (head and mean: mbdml1_semi)",
     )
 
     g = p.add_argument_group("optimisation")

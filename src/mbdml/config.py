@@ -95,8 +95,9 @@ class RunConfig:
     pseudo_fraction: float | None = None
     # pseudo-labelled images drawn per labelled image at each step (each is used clean or mixed with a labelled image)
     pseudo_ratio: int = 1
-    # what gives the pseudo-labels and their confidence: the kernel classifier, the mixup
-    # head's softmax (methods with a head: mbdml1_semi), or the mean of the two's probabilities
+    # what gives the pseudo-labels and their confidence: the kernel classifier on the K nearest
+    # centres, the kernel classifier on every centre, the mixup head's softmax (methods with a
+    # head: mbdml1_semi), or the mean of the kernel's and the head's probabilities
     pseudo_labeller: str = "kernel"
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
@@ -193,7 +194,7 @@ class RunConfig:
                 f"have; method {self.method} does not split that way: drop --split_batch"
             )
         method_cls = METHODS[self.method]
-        if self.pseudo_labeller != "kernel" and method_cls.uses_unlabelled and not method_cls.has_head:
+        if self.pseudo_labeller in ("head", "mean") and method_cls.uses_unlabelled and not method_cls.has_head:
             with_head = [name for name, cls in METHODS.items() if cls.uses_unlabelled and cls.has_head]
             raise ConfigError(
                 f"pseudo_labeller {self.pseudo_labeller} reads the mixup head's softmax, and method {self.method} has no head; "

@@ -49,7 +49,7 @@ from .mixup import MixedBatch, mixed_loss, mixup_batch, sample_lambda
 MIXUP_HEADS = ("linear", "features")
 MIXED_NEIGHBOURS = ("sample", "union", "search")
 # what labels the unlabelled images of the semi-supervised methods (see RunConfig.pseudo_labeller)
-PSEUDO_LABELLERS = ("kernel", "head", "mean")
+PSEUDO_LABELLERS = ("kernel", "kernel_all", "head", "mean")
 
 
 @dataclass

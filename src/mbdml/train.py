@@ -470,9 +470,18 @@ class Trainer:
         The kernel classifier's probabilities saturate when all K nearest centres are of
         one class: the fine-tuned Lite0 of docs/accuracy.md gives 83% of the unlabelled
         images a top probability of exactly 1.0 (K = 200), so a ranking by it cannot
-        tell a sure image from a doubtful one. The mixup head's softmax keeps that order
-        (``benchmarks/pseudo_labellers.py`` measures both), hence ``head`` and ``mean``.
+        tell a sure image from a doubtful one. The kernel classifier on every centre
+        (``kernel_all``) and the mixup head's softmax (``head``, ``mean``) keep that
+        order (``benchmarks/pseudo_labellers.py`` measures them).
         """
+        if self.cfg.pseudo_labeller == "kernel_all":
+            # every centre is a neighbour; in row blocks that keep (rows x centres) near 2^24 entries
+            n_centres = self.kernel.num_centres
+            rows = max(1, 2**24 // max(1, n_centres))
+            every = torch.arange(n_centres, device=embeddings.device)
+            return torch.cat([
+                self.kernel.log_probs(part, every.expand(part.shape[0], -1)).exp() for part in embeddings.split(rows)
+            ])
         kernel = self.kernel.log_probs(embeddings, neighbours).exp()
         if self.cfg.pseudo_labeller == "kernel":
             return kernel
