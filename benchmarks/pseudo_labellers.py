@@ -63,8 +63,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         kernel = run.kernel.log_probs(emb, run.kernel.neighbours(emb)).exp()
-        every = torch.arange(run.kernel.num_centres)
-        kernel_all = torch.cat([run.kernel.log_probs(part, every.expand(len(part), -1)).exp() for part in emb.split(1024)])
+        kernel_all = run.kernel.log_probs_every_centre(emb).exp()
         head = torch.softmax(run.method.head(emb).float(), dim=1)
     labellers = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": 0.5 * (kernel + head)}
 

@@ -71,6 +71,19 @@ def test_predict_uses_all_centres_and_matches_loop(setup):
     assert torch.equal(kernel.predict(q), ref.argmax(1))
 
 
+def test_log_probs_every_centre_matches_the_loop_over_all_centres_in_any_block_size(setup):
+    kernel, centres, labels, g = setup
+    q = torch.randn(25, centres.shape[1], generator=g) * 3
+    every = torch.arange(centres.shape[0]).expand(25, -1)
+    ref = spec_loop_probs(q.double(), centres.double(), labels, kernel.log_weights.double(), every, kernel.sigma, 4)
+    for block in (60, 7 * 60, 2**24):  # one row per block, 7 rows, all rows at once
+        ours = kernel.log_probs_every_centre(q, block_entries=block).exp()
+        assert ours.shape == (25, 4)
+        assert torch.allclose(ours.double(), ref, atol=1e-6)
+    near = kernel.log_probs(q, spec_nearest(q, centres, kernel.k)).exp()
+    assert not torch.allclose(near, ours, atol=1e-3)  # the K cut changes the probabilities
+
+
 def test_log_space_learns_where_authors_formula_underflows():
     """Far-apart 2048-d features: exp(-d / 2 sigma^2) is 0 in float32 for every centre."""
     g = torch.Generator().manual_seed(0)

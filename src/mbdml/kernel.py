@@ -459,6 +459,20 @@ class NNGKClassifier(nn.Module):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return self._log_probs_fp32(embeddings.float(), neighbour_indices, valid)
 
+    @torch.no_grad()
+    def log_probs_every_centre(self, embeddings: torch.Tensor, block_entries: int = 2**24) -> torch.Tensor:
+        """Log class probabilities (B, C) with every centre as a neighbour (no K cut).
+
+        With the K nearest only, an image whose K neighbours all share a class gets a
+        probability of exactly 1, whatever sigma; over every centre the far ones still
+        weigh in, so the probabilities keep an order (used to rank pseudo-labels). Rows
+        go in blocks of about ``block_entries`` (rows x centres) entries.
+        """
+        self._require_centres()
+        every = torch.arange(self.num_centres, device=embeddings.device)
+        rows = max(1, block_entries // max(1, self.num_centres))
+        return torch.cat([self.log_probs(part, every.expand(part.shape[0], -1)) for part in embeddings.split(rows)])
+
     def _log_probs_fp32(self, f: torch.Tensor, neighbour_indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """log P(c | f) through :class:`_KernelLogProbs`, one autograd node.
 

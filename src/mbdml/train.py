@@ -475,13 +475,7 @@ class Trainer:
         order (``benchmarks/pseudo_labellers.py`` measures them).
         """
         if self.cfg.pseudo_labeller == "kernel_all":
-            # every centre is a neighbour; in row blocks that keep (rows x centres) near 2^24 entries
-            n_centres = self.kernel.num_centres
-            rows = max(1, 2**24 // max(1, n_centres))
-            every = torch.arange(n_centres, device=embeddings.device)
-            return torch.cat([
-                self.kernel.log_probs(part, every.expand(part.shape[0], -1)).exp() for part in embeddings.split(rows)
-            ])
+            return self.kernel.log_probs_every_centre(embeddings).exp()
         kernel = self.kernel.log_probs(embeddings, neighbours).exp()
         if self.cfg.pseudo_labeller == "kernel":
             return kernel
