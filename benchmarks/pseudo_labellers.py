@@ -26,7 +26,8 @@ import time
 import torch
 
 from mbdml.evaluate import compute_embeddings
-from mbdml.train import load_run, prepare_data, select_by_rank
+from mbdml.methods import PSEUDO_LABELLERS
+from mbdml.train import labeller_probabilities, load_run, prepare_data, select_by_rank
 
 
 def kept_accuracy(probs: torch.Tensor, truth: torch.Tensor, share: float) -> float:
@@ -62,10 +63,9 @@ def main() -> None:
                                  channels_last=cfg.channels_last, flip_average=cfg.tta_flip)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        kernel = run.kernel.log_probs(emb, run.kernel.neighbours(emb)).exp()
-        kernel_all = run.kernel.log_probs_every_centre(emb).exp()
-        head = torch.softmax(run.method.head(emb).float(), dim=1)
-    labellers = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": 0.5 * (kernel + head)}
+        nbrs = run.kernel.neighbours(emb)
+        labellers = {name: labeller_probabilities(name, run.kernel, emb, nbrs, run.method.head) for name in PSEUDO_LABELLERS}
+    kernel, head = labellers["kernel"], labellers["head"]
 
     print(f"{run.config.method}, seed {cfg.seed}, epoch {run.epoch}: {len(pick)} of {len(unl)} unlabelled images embedded in {seconds:.0f} s")
     top = kernel.max(1).values

@@ -348,3 +348,17 @@ def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_p
         assert torch.equal(labels, lab[keep]), labeller
         kept[labeller] = set(idx.tolist())
     assert kept["kernel"] != kept["head"] and kept["kernel"] != kept["kernel_all"]  # they rank the images differently
+
+
+def test_labeller_probabilities_without_a_head_says_so():
+    from mbdml.errors import ConfigError
+    from mbdml.kernel import NNGKClassifier
+    from mbdml.train import labeller_probabilities
+
+    kernel = NNGKClassifier(num_classes=2, sigma=1.0, k=2)
+    kernel.set_centres(torch.eye(4), torch.tensor([0, 0, 1, 1]))
+    f = torch.eye(4)[:2]
+    probs = labeller_probabilities("kernel_all", kernel, f, kernel.neighbours(f))
+    assert probs.shape == (2, 2) and probs.argmax(1).tolist() == [0, 0]
+    with pytest.raises(ConfigError, match="pseudo_labeller mean reads the mixup head's softmax, and this method has no head"):
+        labeller_probabilities("mean", kernel, f, kernel.neighbours(f))

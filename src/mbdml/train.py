@@ -153,6 +153,33 @@ def select_by_rank(confidence: torch.Tensor, labels: torch.Tensor, num_classes: 
     return keep
 
 
+def labeller_probabilities(
+    labeller: str,
+    kernel: NNGKClassifier,
+    embeddings: torch.Tensor,
+    neighbours: torch.Tensor,
+    head: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Class probabilities (B, C) by which ``labeller`` (see ``--pseudo_labeller``) labels
+    and ranks unlabelled images: the kernel classifier on the ``neighbours`` (K nearest
+    centres), on every centre (``kernel_all``), the ``head``'s softmax, or the mean.
+
+    The kernel classifier's probabilities saturate when all K nearest centres are of
+    one class: the fine-tuned Lite0 of docs/accuracy.md gives 83% of the unlabelled
+    images a top probability of exactly 1.0 (K = 200), so a ranking by it cannot tell
+    a sure image from a doubtful one. On every centre, and through the head, they keep
+    that order (``benchmarks/pseudo_labellers.py`` measures them).
+    """
+    if labeller == "kernel_all":
+        return kernel.log_probs_every_centre(embeddings).exp()
+    if labeller == "kernel":
+        return kernel.log_probs(embeddings, neighbours).exp()
+    if head is None:
+        raise ConfigError(f"pseudo_labeller {labeller} reads the mixup head's softmax, and this method has no head")
+    soft = torch.softmax(head(embeddings).float(), dim=1)
+    return soft if labeller == "head" else 0.5 * (kernel.log_probs(embeddings, neighbours).exp() + soft)
+
+
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -465,22 +492,8 @@ class Trainer:
         return {"pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(conf.mean()), "pseudo_min_conf": kept_conf, **extra}
 
     def _pseudo_probabilities(self, embeddings: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (B, C) that label unlabelled images (``pseudo_labeller``).
-
-        The kernel classifier's probabilities saturate when all K nearest centres are of
-        one class: the fine-tuned Lite0 of docs/accuracy.md gives 83% of the unlabelled
-        images a top probability of exactly 1.0 (K = 200), so a ranking by it cannot
-        tell a sure image from a doubtful one. The kernel classifier on every centre
-        (``kernel_all``) and the mixup head's softmax (``head``, ``mean``) keep that
-        order (``benchmarks/pseudo_labellers.py`` measures them).
-        """
-        if self.cfg.pseudo_labeller == "kernel_all":
-            return self.kernel.log_probs_every_centre(embeddings).exp()
-        kernel = self.kernel.log_probs(embeddings, neighbours).exp()
-        if self.cfg.pseudo_labeller == "kernel":
-            return kernel
-        head = torch.softmax(self.method.head(embeddings).float(), dim=1)
-        return head if self.cfg.pseudo_labeller == "head" else 0.5 * (kernel + head)
+        """Class probabilities (B, C) that label unlabelled images (``pseudo_labeller``)."""
+        return labeller_probabilities(self.cfg.pseudo_labeller, self.kernel, embeddings, neighbours, getattr(self.method, "head", None))
 
     def _labelling_due(self, epoch: int) -> bool:
         """Whether the unlabelled images are (re)labelled before ``epoch`` (0-based).
