@@ -7,13 +7,13 @@ seed), and labels them as ``--pseudo_labeller`` would:
 - kernel: the kernel classifier's class probabilities (K nearest centres);
 - kernel_all: the kernel classifier on every centre;
 - head: the mixup head's softmax;
-- mean: the mean of the two.
+- mean: the mean of the kernel's and the head's probabilities.
 
 For each share of the images kept by rank (per predicted class, the most confident, as
 ``--pseudo_fraction`` keeps them) it prints the share of kept pseudo-labels that are
 right, using the hidden labels. It also prints how often the kernel's top probability
-is exactly 1.0 (all K nearest centres of one class: no order among those images) and the accuracy when the kernel
-and the head agree. A diagnostic: nothing here feeds a training run.
+is exactly 1.0 (all K nearest centres of one class: no order among those images) and
+the accuracy when the kernel and the head agree. A diagnostic: nothing here feeds a training run.
 
     python benchmarks/pseudo_labellers.py runs/V/mbdml1-seed0 --images 5000
 """
@@ -49,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     run = load_run(args.run_dir, which=args.which)
-    if not hasattr(run.method, "head"):
+    if not run.method.has_head:
         raise SystemExit(f"{args.run_dir} was trained with {run.config.method}, which has no mixup head; use an mbdml1, mixup or mbdml1_semi run")
     cfg = run.config
     unl = prepare_data(cfg).unlabelled

@@ -362,3 +362,5 @@ def test_labeller_probabilities_without_a_head_says_so():
     assert probs.shape == (2, 2) and probs.argmax(1).tolist() == [0, 0]
     with pytest.raises(ConfigError, match="pseudo_labeller mean reads the mixup head's softmax, and this method has no head"):
         labeller_probabilities("mean", kernel, f, kernel.neighbours(f))
+    with pytest.raises(ConfigError, match="pseudo_labeller 'softmax' is not known; choose one of: kernel, kernel_all, head, mean"):
+        labeller_probabilities("softmax", kernel, f, kernel.neighbours(f), head=torch.nn.Linear(4, 2))

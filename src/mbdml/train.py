@@ -39,7 +39,7 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import compute_embeddings, evaluate_embeddings
 from .feature_cache import FrozenFeatureCache
 from .kernel import NNGKClassifier
-from .methods import Method, MethodOptions, build_method
+from .methods import PSEUDO_LABELLERS, Method, MethodOptions, build_method
 from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
 
 if TYPE_CHECKING:
@@ -170,6 +170,8 @@ def labeller_probabilities(
     a sure image from a doubtful one. On every centre, and through the head, they keep
     that order (``benchmarks/pseudo_labellers.py`` measures them).
     """
+    if labeller not in PSEUDO_LABELLERS:
+        raise ConfigError(f"pseudo_labeller {labeller!r} is not known; choose one of: {', '.join(PSEUDO_LABELLERS)}")
     if labeller == "kernel_all":
         return kernel.log_probs_every_centre(embeddings).exp()
     if labeller == "kernel":
