@@ -35,6 +35,7 @@ from . import __version__
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, save_checkpoint, save_json
 from .config import RunConfig
+from .cpu_memory import keep_freed_memory
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import compute_embeddings, evaluate_embeddings
 from .feature_cache import FrozenFeatureCache
@@ -703,6 +704,8 @@ class Trainer:
                 f"--batch_size {cfg.batch_size}; lower --batch_size or start fewer processes"
             )
         seed_everything(cfg.seed, cfg.deterministic)
+        self.allocator = keep_freed_memory() if cfg.keep_freed_memory else "left as it is (--keep_freed_memory false)"
+        log.debug("memory allocator: %s", self.allocator)
         self._build()
         if self.resume:
             start_epoch, best, centres_fresh = self._restore()
@@ -710,7 +713,8 @@ class Trainer:
         else:
             if self.dist.is_main:
                 cfg.save(self.run_dir / "config.json")
-                save_json(environment_info() | {"device": str(self.device), "world_size": self.dist.world_size}, self.run_dir / "environment.json")
+                save_json(environment_info() | {"device": str(self.device), "world_size": self.dist.world_size, "allocator": self.allocator},
+                          self.run_dir / "environment.json")
             self.refresh_centres()
             self._build_optimizer()  # after the first refresh: the kernel weights exist now
             start_epoch, best = 0, {}
