@@ -186,8 +186,8 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--gpu_id", type=int, default=S, help="the authors' flag: train on cuda:GPU_ID")
     g.add_argument("--deterministic", type=str2bool, default=S, help="deterministic algorithms (slower; exact reruns)")
     g.add_argument("--keep_freed_memory", type=str2bool, default=S,
-                   help="let glibc's malloc keep freed memory for the next step instead of returning it to the system: about 10%% "
-                        "faster on CPUs, same results (default True; ignored when jemalloc or tcmalloc is preloaded)")
+                   help="let glibc's malloc keep freed memory for the next step instead of returning it to the system: 4x fewer "
+                        "page faults, a few %% faster on CPUs, same results (default True; ignored when jemalloc or tcmalloc is preloaded)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
 
 

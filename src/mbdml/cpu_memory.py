@@ -4,13 +4,13 @@ A training step allocates and frees the same activation tensors at every step. B
 default glibc's malloc gives large freed blocks back to the system (it trims the heap
 top and serves big blocks with mmap), so the next step faults the same pages in again,
 zeroed by the kernel. On the `finetune` preset that is about 1,100 minor page faults
-and 2.2 ms of system time per training image; keeping the memory cuts the faults about
-fourfold and a CPU epoch by about 10% (``benchmarks/allocator.py``, docs/benchmarks.md).
+and 2.3-2.6 ms of system time per training image; keeping the memory cuts both about
+fourfold, with no higher peak memory, and an epoch took 3-11% less time in two
+measurements on this noisy 2-core machine (``benchmarks/allocator.py``, docs/benchmarks.md).
 
-jemalloc or tcmalloc preloaded with ``LD_PRELOAD`` keep freed blocks of every size; when
-one of them is in the process, nothing is changed here. glibc's mmap threshold cannot
-go above 32 MiB, so blocks larger than that are still returned at each free: for large
-images, preloading jemalloc does more.
+jemalloc or tcmalloc preloaded with ``LD_PRELOAD`` keep freed blocks of every size (glibc's
+mmap threshold cannot go above 32 MiB, so larger blocks are still returned at each
+free); when one of them is in the process, nothing is changed here.
 """
 
 from __future__ import annotations
