@@ -18,13 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
-import logging
 import os
 import platform
 import sys
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -36,8 +33,7 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int: about 2 GiB of free heap top bef
 TOP_PAD = 256 * 1024 * 1024
 
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
-
-
+# where find_allocator_library looks
 LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
