@@ -7,7 +7,7 @@ from torch import nn
 
 from mbdml.errors import ConfigError
 from mbdml.kernel import NNGKClassifier
-from mbdml.methods import BASELINES, METHODS, MethodOptions, build_method
+from mbdml.methods import BASELINES, METHODS, MethodOptions, build_method, class_absent_share
 from mbdml.mixup import mixup_batch
 
 from spec_reference import spec_loop_probs
@@ -111,6 +111,33 @@ def test_mixed_neighbour_rules_never_use_either_source_centre(rule):
         assert len(used) == len(set(used))  # no centre counted twice
 
 
+def test_class_absent_share_counts_pairs_missing_either_class():
+    centre_labels = torch.tensor([0, 0, 1, 1, 2])
+    nbrs = torch.tensor([[0, 1], [2, 3], [0, 2]])
+    a, b = torch.tensor([0, 1, 0]), torch.tensor([1, 1, 2])
+    # row 0 lacks class 1, row 1 has class 1 (a = b), row 2 lacks class 2
+    assert class_absent_share(centre_labels, nbrs, None, a, b).item() == pytest.approx(2 / 3)
+    valid = torch.tensor([[True, True], [False, False], [True, True]])  # row 1's list is empty
+    assert class_absent_share(centre_labels, nbrs, valid, a, b).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rule", ["sample", "union"])
+def test_mbdml3_logs_mixed_pairs_whose_list_lacks_a_class(rule):
+    """Pure lists (every neighbour of the sample's own class), as after training has
+    separated the classes: the authors' list lacks the partner's class for every pair
+    of two classes; the union of both lists never does."""
+    method, model, x, y, kernel = make("mbdml3", mixed_neighbours=rule)
+    same_class = [[j for j in range(30) if y[j] == y[i] and j != i][:8] for i in range(30)]
+    kernel.train_neighbours = torch.tensor(same_class)
+    g = torch.Generator().manual_seed(3)
+    out = method(model, x, y, torch.arange(30), g)
+    mixed = mixup_batch(x, y, 1.0, torch.Generator().manual_seed(3))
+    differ = (mixed.labels_a != mixed.labels_b).float().mean().item()
+    assert 0 < differ < 1
+    expected = differ if rule == "sample" else 0.0
+    assert out.parts["mixed_class_absent"].item() == pytest.approx(expected)
+
+
 def test_authors_feature_head_needs_enough_dimensions():
     kernel = NNGKClassifier(num_classes=10)
     with pytest.raises(ConfigError, match="mixup_head"):
@@ -192,11 +219,32 @@ def test_semi_supervised_loss_matches_its_formula(rule):
         mixed = torch.stack(terms).mean()
     expected = b * nll_spec(model(x[:6]), y[:6], kernel, own) + w * nll_spec(model(u), y_u, kernel, nb_u) + s * mixed
     assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert set(out.parts) >= {"nngk", "pseudo_nngk", "mixup_nngk"}
+    assert set(out.parts) >= {"nngk", "pseudo_nngk", "mixup_nngk", "mixed_class_absent"}
+    # the share of mixed pairs whose list lacks the labelled or the pseudo-label's class, by a plain loop
+    absent = 0
+    for i in range(6):
+        used = own[i].tolist() if rule == "sample" else sorted(set(own[i].tolist()) | set(nb_u[i].tolist()) - {i})
+        present = set(kernel.centre_labels[used].tolist())
+        absent += int(y[i]) not in present or int(y_u[i]) not in present
+    assert out.parts["mixed_class_absent"].item() == pytest.approx(absent / 6)
     # without pseudo-labelled images it is MbDML3
     plain = method(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4))
     m3 = build_method("mbdml3", kernel, DIM, NUM_CLASSES, MethodOptions(scale_mixup=s, beta=b, mixed_neighbours=rule))
     assert plain.loss.item() == pytest.approx(m3(model, x[:6], y[:6], idx, torch.Generator().manual_seed(4)).loss.item(), rel=1e-6)
+
+
+def test_mbdml_semi_logs_pairs_whose_list_lacks_the_pseudo_label():
+    """With pure lists (as after training has separated the classes), the labelled
+    image's own list lacks the pseudo-label's class whenever the two differ."""
+    from mbdml.methods import PseudoBatch
+
+    method, model, x, y, kernel = make("mbdml_semi", mixed_neighbours="sample")
+    kernel.train_neighbours = torch.tensor([[j for j in range(30) if y[j] == y[i] and j != i][:8] for i in range(30)])
+    g = torch.Generator().manual_seed(8)
+    u = torch.randn(6, 5, generator=g)
+    y_u = torch.tensor([0, 1, 2, 2, 1, 0])  # against y[:6] = 0, 1, 2, 0, 1, 2: two pairs differ
+    out = method(model, x[:6], y[:6], torch.arange(6), torch.Generator().manual_seed(4), pseudo=PseudoBatch(u, y_u, kernel.neighbours(model(u))))
+    assert out.parts["mixed_class_absent"].item() == pytest.approx(2 / 6)
 
 
 def _pseudo_batch(model, kernel, n, seed=8):

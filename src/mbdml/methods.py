@@ -200,10 +200,33 @@ class Method(nn.Module):
         valid &= (merged != own_a.unsqueeze(1)) & (merged != own_b.unsqueeze(1))
         return merged, valid
 
-    def _mixed_nngk(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_nngk(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The lambda-weighted NNGK loss of the mixed samples, their predictions, and the
+        share of them whose neighbour list lacks one of their two classes."""
         nbrs, valid = self._mixed_neighbour_lists(f_mixed, indices, mixed)
         log_p = self.kernel.log_probs(f_mixed, nbrs, valid)
-        return mixed_loss(self._nll, log_p, mixed.labels_a, mixed.labels_b, mixed.lam), log_p.detach().argmax(1)
+        loss = mixed_loss(self._nll, log_p, mixed.labels_a, mixed.labels_b, mixed.lam)
+        absent = class_absent_share(self.kernel.centre_labels, nbrs, valid, mixed.labels_a, mixed.labels_b)
+        return loss, log_p.detach().argmax(1), absent
+
+
+def class_absent_share(
+    centre_labels: torch.Tensor, neighbours: torch.Tensor, valid: torch.Tensor | None, labels_a: torch.Tensor, labels_b: torch.Tensor
+) -> torch.Tensor:
+    """The share of mixed samples whose neighbour list holds no centre of ``labels_a``
+    or none of ``labels_b``.
+
+    The kernel classifier gives such a class only its floor probability (1e-10), so
+    that part of the mixed loss is a constant with no gradient. With the authors'
+    lists (``mixed_neighbours`` "sample") this happens to most mixed pairs once
+    training has separated the classes: logged as ``mixed_class_absent``."""
+    neighbour_labels = centre_labels.index_select(0, neighbours.reshape(-1)).view_as(neighbours)
+    has_a = neighbour_labels == labels_a.unsqueeze(1)
+    has_b = neighbour_labels == labels_b.unsqueeze(1)
+    if valid is not None:
+        has_a &= valid
+        has_b &= valid
+    return (~(has_a.any(1) & has_b.any(1))).float().mean()
 
 
 def _dominant_labels(mixed: MixedBatch) -> torch.Tensor:
@@ -300,9 +323,10 @@ class MbDML2(Method):
     def forward(self, model, images, labels, indices, generator=None):
         mixed = mixup_batch(images, labels, self.options.alpha, generator)
         f_mixed = model(mixed.inputs)
-        term, pred = self._mixed_nngk(f_mixed, indices, mixed)
+        term, pred, absent = self._mixed_nngk(f_mixed, indices, mixed)
         loss = self.options.scale_mixup * term
-        return LossOutput(loss, {"mixup_nngk": term.detach(), "lam": mixed.lam}, pred, _dominant_labels(mixed))
+        parts = {"mixup_nngk": term.detach(), "mixed_class_absent": absent, "lam": mixed.lam}
+        return LossOutput(loss, parts, pred, _dominant_labels(mixed))
 
 
 class MbDML3(Method):
@@ -316,9 +340,10 @@ class MbDML3(Method):
     def forward(self, model, images, labels, indices, generator=None):
         (_, y, idx), mixed_idx, mixed, f, f_mixed = self._clean_and_mixed(model, images, labels, indices, generator)
         nngk, pred = self._nngk_clean(f, y, idx)
-        term, _ = self._mixed_nngk(f_mixed, mixed_idx, mixed)
+        term, _, absent = self._mixed_nngk(f_mixed, mixed_idx, mixed)
         loss = self.options.beta * nngk + self.options.scale_mixup * term
-        return LossOutput(loss, {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "lam": mixed.lam}, pred, y)
+        parts = {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "mixed_class_absent": absent, "lam": mixed.lam}
+        return LossOutput(loss, parts, pred, y)
 
 
 @dataclass
@@ -366,13 +391,14 @@ class _SemiSupervisedMixin:
         p = self._semi_parts(model, images, labels, indices, pseudo, generator)
         nngk, pred = self._nngk_clean(p.f, p.labels, p.indices)  # type: ignore[attr-defined]
         nngk_u = self._nll(self.kernel.log_probs(p.f_pseudo, p.pseudo_neighbours), p.pseudo_labels)  # type: ignore[attr-defined]
-        term = self._mixed_term(p)
+        term, diagnostics = self._mixed_term(p)
         loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
-        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), self.mixed_term_name: term.detach(), "lam": p.lam}
+        parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), self.mixed_term_name: term.detach(), **diagnostics, "lam": p.lam}
         return LossOutput(loss, parts, pred, p.labels)
 
-    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
-        """The lambda-weighted loss of the mixed (labelled x pseudo-labelled) images."""
+    def _mixed_term(self, p: _SemiParts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The lambda-weighted loss of the mixed (labelled x pseudo-labelled) images, and
+        any diagnostics to log beside it."""
         raise NotImplementedError
 
     def _semi_parts(self, model: EmbeddingModel, images, labels, indices, pseudo: PseudoBatch, generator) -> _SemiParts:
@@ -425,7 +451,7 @@ class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
     name = "mbdml_semi"
     mixed_term_name = "mixup_nngk"
 
-    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
+    def _mixed_term(self, p: _SemiParts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         own = self.kernel.training_neighbours(p.mixed_indices)
         if self.options.mixed_neighbours == "sample":
             nbrs, valid = own, None
@@ -435,7 +461,8 @@ class MbDMLSemi(_SemiSupervisedMixin, MbDML3):
             valid[:, 1:] = nbrs[:, 1:] != nbrs[:, :-1]
             valid &= nbrs != p.mixed_indices.unsqueeze(1)
         log_p = self.kernel.log_probs(p.f_mixed, nbrs, valid)
-        return mixed_loss(self._nll, log_p, p.mixed_labels, p.mixed_pseudo_labels, p.lam)
+        absent = class_absent_share(self.kernel.centre_labels, nbrs, valid, p.mixed_labels, p.mixed_pseudo_labels)
+        return mixed_loss(self._nll, log_p, p.mixed_labels, p.mixed_pseudo_labels, p.lam), {"mixed_class_absent": absent}
 
 
 class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
@@ -454,8 +481,8 @@ class MbDML1Semi(_SemiSupervisedMixin, MbDML1):
     name = "mbdml1_semi"
     mixed_term_name = "mixup_ce"
 
-    def _mixed_term(self, p: _SemiParts) -> torch.Tensor:
-        return mixed_loss(self._ce, self.head(p.f_mixed), p.mixed_labels, p.mixed_pseudo_labels, p.lam)
+    def _mixed_term(self, p: _SemiParts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mixed_loss(self._ce, self.head(p.f_mixed), p.mixed_labels, p.mixed_pseudo_labels, p.lam), {}
 
 
 class MetricLearningBaseline(Method):
