@@ -28,6 +28,12 @@ def make(name, **opts):
     return method, model, x, y, kernel
 
 
+def same_class_lists(y, k=8):
+    """Each sample's list: k other samples of its own class, as after training has
+    separated the classes."""
+    return torch.tensor([[j for j in range(len(y)) if y[j] == y[i] and j != i][:k] for i in range(len(y))])
+
+
 def nll_spec(f, y, kernel, nbrs):
     p = spec_loop_probs(f.double(), kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), nbrs, kernel.sigma, NUM_CLASSES)
     return -torch.log(p[torch.arange(len(y)), y]).mean()
@@ -127,8 +133,7 @@ def test_mbdml3_logs_mixed_pairs_whose_list_lacks_a_class(rule):
     separated the classes: the authors' list lacks the partner's class for every pair
     of two classes; the union of both lists never does."""
     method, model, x, y, kernel = make("mbdml3", mixed_neighbours=rule)
-    same_class = [[j for j in range(30) if y[j] == y[i] and j != i][:8] for i in range(30)]
-    kernel.train_neighbours = torch.tensor(same_class)
+    kernel.train_neighbours = same_class_lists(y)
     g = torch.Generator().manual_seed(3)
     out = method(model, x, y, torch.arange(30), g)
     mixed = mixup_batch(x, y, 1.0, torch.Generator().manual_seed(3))
@@ -239,7 +244,7 @@ def test_mbdml_semi_logs_pairs_whose_list_lacks_the_pseudo_label():
     from mbdml.methods import PseudoBatch
 
     method, model, x, y, kernel = make("mbdml_semi", mixed_neighbours="sample")
-    kernel.train_neighbours = torch.tensor([[j for j in range(30) if y[j] == y[i] and j != i][:8] for i in range(30)])
+    kernel.train_neighbours = same_class_lists(y)
     g = torch.Generator().manual_seed(8)
     u = torch.randn(6, 5, generator=g)
     y_u = torch.tensor([0, 1, 2, 2, 1, 0])  # against y[:6] = 0, 1, 2, 0, 1, 2: two pairs differ
