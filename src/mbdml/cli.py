@@ -153,6 +153,18 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "(head), or the mean of kernel and head (head and mean: mbdml1_semi)",
     )
 
+    g = p.add_argument_group("self-training (a finished run labels the unlabelled images once, before training)")
+    g.add_argument(
+        "--teacher", default=S,
+        help="folder of a finished run on the same labelled split: its final model labels the unlabelled images (by "
+        "--pseudo_labeller) and the surest join the labelled ones, for any supervised method (default: off)",
+    )
+    g.add_argument(
+        "--teacher_fraction", type=optional_float, default=S,
+        help="share of the unlabelled images kept, the teacher's surest per predicted class (default 0.8; none: keep "
+        "those whose confidence reaches --pseudo_threshold)",
+    )
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
     g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=finite_float, default=S)

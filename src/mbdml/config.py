@@ -99,6 +99,10 @@ class RunConfig:
     # centres, the kernel classifier on every centre, the mixup head's softmax (methods with a
     # head: mbdml1_semi), or the mean of the kernel's and the head's probabilities
     pseudo_labeller: str = "kernel"
+    # self-training: a finished run on the same split labels the unlabelled images once,
+    # before training; its surest pseudo-labels join the labelled images (mbdml.self_training)
+    teacher: str | None = None
+    teacher_fraction: float | None = 0.8  # kept by rank, balanced per class; None: by pseudo_threshold
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -168,6 +172,8 @@ class RunConfig:
             raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}; pass --pseudo_threshold 0.9, say")
         if self.pseudo_fraction is not None and not (isinstance(self.pseudo_fraction, (int, float)) and 0 < self.pseudo_fraction <= 1):
             raise ConfigError(f"pseudo_fraction must be in (0, 1], got {self.pseudo_fraction!r}; pass --pseudo_fraction 0.8, say, or leave it out to select by --pseudo_threshold")
+        if self.teacher_fraction is not None and not (isinstance(self.teacher_fraction, (int, float)) and 0 < self.teacher_fraction <= 1):
+            raise ConfigError(f"teacher_fraction must be in (0, 1], got {self.teacher_fraction!r}; pass --teacher_fraction 0.8, say, or none to keep by --pseudo_threshold")
         if self.pseudo_start is not None and self.pseudo_start < 0:
             raise ConfigError(f"pseudo_start must be an epoch >= 0, got {self.pseudo_start}")
         if self.alpha < 0 or not math.isfinite(self.alpha):
@@ -195,6 +201,11 @@ class RunConfig:
                 f"have; method {self.method} does not split that way: drop --split_batch"
             )
         method_cls = METHODS[self.method]
+        if self.teacher is not None and method_cls.uses_unlabelled:
+            raise ConfigError(
+                f"--teacher labels the unlabelled images once, before training, and method {self.method} labels them "
+                "itself as it trains: use one of the two (with --teacher, a supervised method such as mixup or mbdml1)"
+            )
         if self.pseudo_labeller in ("head", "mean") and method_cls.uses_unlabelled and not method_cls.has_head:
             with_head = [name for name, cls in METHODS.items() if cls.uses_unlabelled and cls.has_head]
             raise ConfigError(

@@ -689,6 +689,11 @@ class Trainer:
         t_start = time.perf_counter()
         if self.data is None:
             self.data = prepare_data(cfg)
+        self.teacher_stats: dict[str, Any] = {}
+        if cfg.teacher is not None:
+            from .self_training import apply_teacher
+
+            self.data, self.teacher_stats = apply_teacher(cfg, self.data, self.device, self.run_dir, reuse=self.resume, write=self.dist.is_main)
         data = self.data
         self.cfg = cfg = cfg.with_data(data.train.channels, min(data.train.image_size))
         n_centres = len(data.train)
@@ -830,6 +835,7 @@ class Trainer:
                 "nngk_acc": best.get("test_acc"),
                 "note": "model chosen on the test set, as the authors did; optimistic, for comparison with the paper only",
             },
+            **({"self_training": self.teacher_stats} if self.teacher_stats else {}),
             "seconds": seconds,
             "train_seconds_per_epoch": sum(train_times) / len(train_times) if train_times else None,
             "processes": self.dist.world_size,

@@ -1,0 +1,156 @@
+"""Self-training: a finished run labels the unlabelled images for a new run (digits)."""
+
+import json
+
+import pytest
+import torch
+
+from mbdml.config import make_config
+from mbdml.errors import ConfigError
+from mbdml.evaluate import compute_embeddings
+from mbdml.self_training import LABELS_FILE, TeacherLabels, select_pseudo_labels
+from mbdml.train import Trainer, load_run, prepare_data, resume, train
+
+
+def small(save_dir, **kw):
+    values = dict(dataset="digits", model="resnet_small", width=8, embedding_dim=16, max_epochs=3, update_interval=1,
+                  k=20, batch_size=32, sigma=1.0, progress=False, retrieval_metrics=False, save_dir=str(save_dir),
+                  cache_dir=str(save_dir / "cache"), deterministic=True)
+    values.update(kw)
+    return make_config(**values)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A short MbDML1 run on the digits split of seed 0 (it has a mixup head)."""
+    root = tmp_path_factory.mktemp("teacher")
+    return train(small(root, method="mbdml1", name="teacher", tta_flip=True)).run_dir
+
+
+def teacher_probabilities(teacher_dir, images):
+    """The teacher's kernel-classifier probabilities, computed here step by step."""
+    run = load_run(teacher_dir, "last")
+    emb = compute_embeddings(run.model, images, mean=run.config.mean, std=run.config.std, flip_average=True)
+    return run.kernel.log_probs(emb, run.kernel.neighbours(emb)).exp()
+
+
+def test_student_trains_on_the_teachers_surest_labels_balanced_per_class(tmp_path, teacher):
+    res = train(small(tmp_path, method="mixup", name="student", teacher=str(teacher), teacher_fraction=0.5))
+    data = prepare_data(small(tmp_path))
+    saved = TeacherLabels.load(res.run_dir / LABELS_FILE)
+    n_unl = len(data.unlabelled)
+    # half of the unlabelled images, the same number per predicted class
+    per_class = round(0.5 * n_unl / 10)
+    counts = torch.bincount(saved.labels, minlength=10)
+    assert counts.max() <= per_class and saved.indices.numel() >= 0.45 * n_unl
+    # the labels and their order are the teacher's kernel classifier's, recomputed here
+    probs = teacher_probabilities(teacher, data.unlabelled.images)
+    conf, lab = probs.max(1)
+    assert torch.equal(saved.labels, lab[saved.indices])
+    for c in range(10):  # every kept image of a class is at least as sure as every dropped one
+        kept = saved.indices[saved.labels == c]
+        dropped = torch.tensor(sorted(set((lab == c).nonzero().flatten().tolist()) - set(kept.tolist())), dtype=torch.long)
+        if kept.numel() and dropped.numel():
+            assert conf[kept].min() >= conf[dropped].max() - 1e-6
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    st = summary["self_training"]
+    assert st["teacher_n"] == saved.indices.numel()
+    right = float((data.unlabelled.labels[saved.indices] == saved.labels).float().mean())
+    assert st["teacher_label_acc"] == pytest.approx(right)
+    # the student's training images: the labelled ones, then the kept unlabelled ones
+    assert summary["labelled_train"] == len(data.train) + saved.indices.numel()
+    assert summary["validation"] == len(data.val)
+
+
+def test_student_data_appends_the_kept_images_with_the_teachers_labels(tmp_path, teacher):
+    from mbdml.self_training import with_teacher_labels
+
+    data = prepare_data(small(tmp_path))
+    idx = torch.tensor([3, 0, 7]).sort().values
+    labels = TeacherLabels(idx, torch.tensor([9, 8, 7]), torch.ones(3), len(data.unlabelled), "t")
+    out = with_teacher_labels(data, labels)
+    n = len(data.train)
+    assert torch.equal(out.train.images[:n], data.train.images) and torch.equal(out.train.labels[:n], data.train.labels)
+    assert torch.equal(out.train.images[n:], data.unlabelled.images[idx])
+    assert out.train.labels[n:].tolist() == [9, 8, 7]
+    assert len(out.unlabelled) == len(data.unlabelled) - 3 == out.unlabelled_count
+    assert torch.equal(out.val.images, data.val.images) and torch.equal(out.test.images, data.test.images)
+
+
+def test_threshold_mode_keeps_only_images_at_least_that_sure():
+    conf = torch.tensor([0.95, 0.5, 0.9, 0.89])
+    lab = torch.tensor([0, 0, 1, 1])
+    assert select_pseudo_labels(conf, lab, 2, None, 0.9).tolist() == [True, False, True, False]
+    assert select_pseudo_labels(conf, lab, 2, 0.5, 0.99).tolist() == [True, False, True, False]  # by rank: 1 per class
+
+
+def test_resumed_student_reads_its_saved_labels_and_ends_as_an_uninterrupted_one(tmp_path, teacher, monkeypatch):
+    opts = dict(method="mixup", teacher=str(teacher), teacher_fraction=0.6, max_epochs=3, eval_every=1)
+    full = train(small(tmp_path, name="full", **opts))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_one).run()
+
+    def no_second_labelling(*args, **kwargs):
+        raise AssertionError("a resumed run labels again")
+
+    monkeypatch.setattr("mbdml.self_training.label_with_teacher", no_second_labelling)
+    resumed = resume(tmp_path / "cut")
+    keys = ("loss", "train_acc", "val_acc", "test_acc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+
+
+def test_teacher_of_another_split_is_refused_with_the_fields_that_differ(tmp_path, teacher):
+    with pytest.raises(ConfigError, match=r"another labelled split.*seed 0 \(the student: 1\)"):
+        train(small(tmp_path, method="mixup", seed=1, teacher=str(teacher)))
+    with pytest.raises(ConfigError, match="labelled_fraction"):
+        train(small(tmp_path, method="mixup", labelled_fraction=0.2, teacher=str(teacher)))
+
+
+def test_teacher_whose_centres_are_not_the_students_labelled_images_is_refused(tmp_path, teacher):
+    import shutil
+
+    fake = tmp_path / "edited"
+    shutil.copytree(teacher, fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["seed"] = 1  # the configuration says seed 1; the centres are of seed 0's split
+    (fake / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="not the student's .* labelled training images"):
+        train(small(tmp_path, method="mixup", seed=1, teacher=str(fake)))
+
+
+def test_bad_teacher_settings_are_named(tmp_path, teacher):
+    with pytest.raises(ConfigError, match="no finished run there"):
+        train(small(tmp_path, method="mixup", teacher=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="use one of the two"):
+        small(tmp_path, method="mbdml1_semi", teacher=str(teacher)).resolved()
+    with pytest.raises(ConfigError, match="teacher_fraction must be in"):
+        small(tmp_path, method="mixup", teacher=str(teacher), teacher_fraction=1.5).resolved()
+
+
+def test_head_labeller_needs_a_teacher_with_a_head(tmp_path):
+    nngk = train(small(tmp_path, method="nngk", max_epochs=1, name="nngk")).run_dir
+    with pytest.raises(ConfigError, match=r"teacher \(nngk\) has none"):
+        train(small(tmp_path, method="mixup", teacher=str(nngk), pseudo_labeller="head"))
+
+
+def test_cli_passes_the_teacher_options(tmp_path, teacher):
+    from mbdml.cli import main
+
+    code = main(["train", "--dataset", "digits", "--method", "mixup", "--model", "resnet_small", "--width", "8",
+                 "--embedding_dim", "16", "--k", "20", "--batch_size", "32", "--sigma", "1", "--max_epochs", "1",
+                 "--teacher", str(teacher), "--teacher_fraction", "none", "--pseudo_threshold", "0.99",
+                 "--deterministic", "true", "--save_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
+                 "--name", "cli", "--no-progress", "--retrieval_metrics", "false"])
+    assert code in (0, None)
+    saved = TeacherLabels.load(tmp_path / "cli" / LABELS_FILE)
+    assert saved.confidence.numel() == 0 or saved.confidence.min() >= 0.99
+    cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert cfg["teacher"] == str(teacher) and cfg["teacher_fraction"] is None
