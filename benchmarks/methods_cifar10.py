@@ -12,6 +12,9 @@ JSON file.
     # an equal time budget: the single-pass methods get twice MbDML1's epochs
     python benchmarks/methods_cifar10.py --methods mbdml1,nngk,mixup --seeds 0,1,2 \
         --epochs mbdml1=70,nngk=140,mixup=140 --set preset=scratch amp=bf16
+    # self-training: each seed's MbDML1 run labels that seed's unlabelled images for a Mixup student
+    python benchmarks/methods_cifar10.py --methods mixup --seeds 0,1,2 --epochs 5 --save_dir runs/student \
+        --set preset=finetune amp=bf16 teacher=runs/teacher/mbdml1-seed{seed} pseudo_labeller=kernel_all
 
 The figures depend on the machine's load: run nothing else beside it.
 """
@@ -61,6 +64,8 @@ def run_comparison(
             n = epochs[method]
             every = eval_every or max(1, n // 2)
             own = {**base, **(method_settings or {}).get(method, {})}
+            # a setting may name the seed, e.g. teacher=runs/T/mbdml1-seed{seed}
+            own = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in own.items()}
             cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **own)
             t0 = time.perf_counter()
             res = Trainer(cfg, data=data, run_dir=Path(save_dir) / f"{method}-seed{seed}").run()
@@ -78,6 +83,7 @@ def run_comparison(
                 "train_s_per_epoch": s["train_seconds_per_epoch"],
                 "train_s": s["train_seconds_per_epoch"] * s["epochs"],
                 "wall_s": time.perf_counter() - t0,
+                **({"self_training": s["self_training"]} if "self_training" in s else {}),
             })
             val = rows[-1]["final_val_acc"]
             val_txt = "-" if val is None else f"{100 * val:.2f}%"
