@@ -154,3 +154,18 @@ def test_cli_passes_the_teacher_options(tmp_path, teacher):
     assert saved.confidence.numel() == 0 or saved.confidence.min() >= 0.99
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["teacher"] == str(teacher) and cfg["teacher_fraction"] is None
+
+
+def test_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(row):
+        raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, method="mbdml1", name="half"), on_epoch_end=stop_after_one).run()
+    with caplog.at_level("WARNING", logger="mbdml"):
+        res = train(small(tmp_path, method="mixup", max_epochs=1, name="s", teacher=str(tmp_path / "half")))
+    assert "stopped after epoch 1 of 3" in caplog.text and "--resume" in caplog.text
+    assert res.summary["self_training"]["teacher_n"] > 0

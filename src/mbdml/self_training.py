@@ -120,6 +120,12 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
         )
     teacher = load_run(teacher_dir, which="last", device=str(device))
     check_teacher_config(teacher.config, cfg, teacher_dir)
+    if teacher.epoch < teacher.config.max_epochs:
+        log.warning(
+            "the teacher %s stopped after epoch %d of %d: its model of that epoch labels the images, with the centres of "
+            "its last refresh; finish it first with 'mbdml train --resume %s' for the final model",
+            teacher_dir, teacher.epoch, teacher.config.max_epochs, teacher_dir,
+        )
     kernel = teacher.kernel
     centre_labels = kernel.centre_labels.cpu()
     if centre_labels.numel() != len(data.train) or not torch.equal(centre_labels, data.train.labels):
