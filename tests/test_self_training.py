@@ -146,12 +146,16 @@ def test_cli_passes_the_teacher_options(tmp_path, teacher):
 
     code = main(["train", "--dataset", "digits", "--method", "mixup", "--model", "resnet_small", "--width", "8",
                  "--embedding_dim", "16", "--k", "20", "--batch_size", "32", "--sigma", "1", "--max_epochs", "1",
-                 "--teacher", str(teacher), "--teacher_fraction", "none", "--pseudo_threshold", "0.99",
+                 "--teacher", str(teacher), "--teacher_fraction", "none", "--pseudo_threshold", "0.25",
                  "--deterministic", "true", "--save_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache"),
                  "--name", "cli", "--no-progress", "--retrieval_metrics", "false"])
     assert code in (0, None)
     saved = TeacherLabels.load(tmp_path / "cli" / LABELS_FILE)
-    assert saved.confidence.numel() == 0 or saved.confidence.min() >= 0.99
+    data = prepare_data(small(tmp_path))
+    conf = teacher_probabilities(teacher, data.unlabelled.images).max(1).values
+    # exactly the images at least that sure, and some of them
+    assert torch.equal(saved.indices, (conf >= 0.25).nonzero().reshape(-1))
+    assert 0 < saved.indices.numel() < len(data.unlabelled)
     cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
     assert cfg["teacher"] == str(teacher) and cfg["teacher_fraction"] is None
 
