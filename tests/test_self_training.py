@@ -173,3 +173,23 @@ def test_unfinished_teacher_is_used_with_a_warning(tmp_path, caplog):
         res = train(small(tmp_path, method="mixup", max_epochs=1, name="s", teacher=str(tmp_path / "half")))
     assert "stopped after epoch 1 of 3" in caplog.text and "--resume" in caplog.text
     assert res.summary["self_training"]["teacher_n"] > 0
+
+
+def test_compare_gives_each_run_the_teacher_of_its_own_split(tmp_path):
+    """``{run}`` in --teacher: each student run reads the teacher trained on its split
+    (a teacher of another split would be refused), and a placeholder not filled in is named."""
+    from mbdml.experiment import compare, plan
+
+    base = small(tmp_path, max_epochs=1, labelled_fraction=0.3)
+    out = tmp_path / "res"
+    compare(base, ["digits"], ["mbdml1"], runs=2, results_dir=out, progress=False)
+    template = str(out / "digits" / "mbdml1" / "run{run}")
+    student = small(tmp_path, max_epochs=1, labelled_fraction=0.3, teacher=template, teacher_fraction=0.5)
+    compare(student, ["digits"], ["mixup"], runs=2, results_dir=tmp_path / "students", progress=False)
+    for run in range(2):
+        summary = json.loads((tmp_path / "students" / "digits" / "mixup" / f"run{run}" / "summary.json").read_text())
+        assert summary["seed"] == run
+        assert summary["self_training"]["teacher"] == str(out / "digits" / "mbdml1" / f"run{run}")
+        assert summary["self_training"]["teacher_n"] > 0
+    with pytest.raises(ConfigError, match=r"\{fold\}.*\{run\}"):
+        plan(small(tmp_path, teacher="runs/t/{fold}"), ["digits"], ["mixup"], 1, tmp_path / "x")

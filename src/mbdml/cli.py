@@ -157,7 +157,8 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument(
         "--teacher", default=S,
         help="folder of a finished run on the same labelled split: its final model labels the unlabelled images (by "
-        "--pseudo_labeller) and the surest join the labelled ones, for any supervised method (default: off)",
+        "--pseudo_labeller) and the surest join the labelled ones, for any supervised method (default: off). In "
+        "'compare', {run}, {seed} and {dataset} are filled in per run, e.g. results/cifar10/mbdml1/run{run}",
     )
     g.add_argument(
         "--teacher_fraction", type=optional_float, default=S,

@@ -63,9 +63,34 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
         for run in range(runs):
             for method in methods:
                 cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
+                if base.teacher is not None:
+                    cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
                 jobs.append(Job(dataset, method, run, cfg.resolved(), run_dir))
     return jobs
+
+
+TEACHER_PLACEHOLDERS = ("dataset", "run", "seed")
+
+
+def teacher_for_run(template: str, dataset: str, run: int, seed: int) -> str:
+    """The teacher folder of one run of a comparison: ``{run}``, ``{seed}`` and
+    ``{dataset}`` in ``--teacher`` are filled in, since each run draws its own labelled
+    split and needs a teacher trained on that split (``results/cifar10/mbdml1/run{run}``
+    names the runs of an earlier comparison)."""
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ConfigError(f"--teacher {template!r} is not a valid folder template ({exc}); write placeholders as {{run}}, {{seed}} or {{dataset}}") from None
+    unknown = sorted({f for f in fields if f not in TEACHER_PLACEHOLDERS})
+    if unknown:
+        raise ConfigError(
+            f"--teacher {template!r} has the placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
+            f"only {', '.join('{' + p + '}' for p in TEACHER_PLACEHOLDERS)} are filled in"
+        )
+    return template.format(dataset=dataset_key(dataset), run=run, seed=seed)
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
