@@ -13,7 +13,8 @@ Budget on a 2-core CPU: about 30 minutes per CIFAR-10 run, from scratch or fine-
 the pretrained EfficientNet-Lite0 (from scratch MbDML1 takes two passes per step, so
 NNGK and Mixup get twice its epochs; in the `finetune` part it takes one, with
 `--split_batch`; the `finetune` parts need the `efficientnet` extra for the weights),
-about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run.
+about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run
+(the `finetune128` and `semi_finetune128` parts: the same at 128 pixels).
 Run nothing else beside it.
 """
 
@@ -49,6 +50,13 @@ PARTS: dict[str, dict] = {
         "settings": {"preset": "finetune", "amp": "bf16"},
         "method_settings": {"mbdml1": {"split_batch": True, "update_interval": 8}, "nngk": {"update_interval": 8}},
     },
+    "finetune128": {
+        "title": "CIFAR-10, 10% labels, the pretrained EfficientNet-Lite0 at 128 px, first 3 stages fixed, at an equal time budget",
+        "dataset": "cifar10",
+        "epochs": {"mbdml1": 30, "nngk": 32, "mixup": 32},
+        "settings": {"preset": "finetune", "amp": "bf16", "input_size": 128, "update_interval": 6},
+        "method_settings": {"mbdml1": {"split_batch": True}},
+    },
     "semi": {
         "title": "CIFAR-10, 10% labels: the semi-supervised method on the 90% unlabelled images",
         "dataset": "cifar10",
@@ -60,6 +68,12 @@ PARTS: dict[str, dict] = {
         "dataset": "cifar10",
         "epochs": {"mbdml1_semi": 56},
         "settings": {"preset": "finetune", "amp": "bf16", "split_batch": True, "update_interval": 8, "pseudo_start": 8, "pseudo_fraction": 0.8},
+    },
+    "semi_finetune128": {
+        "title": "CIFAR-10, 10% labels: mbdml1_semi on the pretrained EfficientNet-Lite0 at 128 px",
+        "dataset": "cifar10",
+        "epochs": {"mbdml1_semi": 28},
+        "settings": {"preset": "finetune", "amp": "bf16", "input_size": 128, "split_batch": True, "update_interval": 6, "pseudo_start": 6, "pseudo_fraction": 0.8},
     },
     "fashion": {
         "title": "Fashion-MNIST, 10% labels: the same comparison at an equal time budget",

@@ -44,8 +44,9 @@ def test_every_accuracy_suite_part_is_a_valid_configuration(name):
         for key, value in merged.items():
             got = getattr(cfg, key)
             assert got == value or (isinstance(got, tuple) and list(got) == value), (key, got, value)
-    if name == "finetune":
-        assert (cfg.model, cfg.pretrained, cfg.input_size) == ("efficientnet_lite0", "imagenet", 96)
+    if name.startswith("finetune") or name.startswith("semi_finetune"):
+        size = 128 if name.endswith("128") else 96
+        assert (cfg.model, cfg.pretrained, cfg.input_size) == ("efficientnet_lite0", "imagenet", size)
         assert cfg.freeze_stages == 3
 
 
