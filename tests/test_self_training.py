@@ -193,3 +193,7 @@ def test_compare_gives_each_run_the_teacher_of_its_own_split(tmp_path):
         assert summary["self_training"]["teacher_n"] > 0
     with pytest.raises(ConfigError, match=r"\{fold\}.*\{run\}"):
         plan(small(tmp_path, teacher="runs/t/{fold}"), ["digits"], ["mixup"], 1, tmp_path / "x")
+    # One fixed teacher for every run: run 1 draws another split, and the refusal says how to name each run's teacher.
+    fixed = small(tmp_path, max_epochs=1, labelled_fraction=0.3, teacher=str(out / "digits" / "mbdml1" / "run0"))
+    with pytest.raises(ConfigError, match=r"seed 0 \(the student: 1\).*\{run\}"):
+        compare(fixed, ["digits"], ["mixup"], runs=2, results_dir=tmp_path / "fixed", progress=False)

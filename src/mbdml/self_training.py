@@ -86,7 +86,8 @@ def check_teacher_config(teacher: RunConfig, student: RunConfig, teacher_dir: st
     if differ:
         raise ConfigError(
             f"the teacher {teacher_dir} was trained on another labelled split or image size: " + "; ".join(differ)
-            + ". Train the student with the teacher's values, or train a teacher on this split"
+            + ". Train the student with the teacher's values, or train a teacher on this split (in 'mbdml compare', "
+            "where each run draws its own split, name each run's teacher with {run} or {seed} in --teacher)"
         )
 
 
