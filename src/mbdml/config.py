@@ -170,10 +170,8 @@ class RunConfig:
         positive("dist_timeout", self.dist_timeout, "pass e.g. --dist_timeout 600 (seconds)")
         if not 0 < self.pseudo_threshold <= 1:
             raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}; pass --pseudo_threshold 0.9, say")
-        if self.pseudo_fraction is not None and not (isinstance(self.pseudo_fraction, (int, float)) and 0 < self.pseudo_fraction <= 1):
-            raise ConfigError(f"pseudo_fraction must be in (0, 1], got {self.pseudo_fraction!r}; pass --pseudo_fraction 0.8, say, or leave it out to select by --pseudo_threshold")
-        if self.teacher_fraction is not None and not (isinstance(self.teacher_fraction, (int, float)) and 0 < self.teacher_fraction <= 1):
-            raise ConfigError(f"teacher_fraction must be in (0, 1], got {self.teacher_fraction!r}; pass --teacher_fraction 0.8, say, or none to keep by --pseudo_threshold")
+        _check_share("pseudo_fraction", self.pseudo_fraction, "leave it out to select by --pseudo_threshold")
+        _check_share("teacher_fraction", self.teacher_fraction, "none to keep by --pseudo_threshold")
         if self.pseudo_start is not None and self.pseudo_start < 0:
             raise ConfigError(f"pseudo_start must be an epoch >= 0, got {self.pseudo_start}")
         if self.alpha < 0 or not math.isfinite(self.alpha):
@@ -289,6 +287,12 @@ class RunConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid JSON ({exc}); restore it or start a new run") from None
         return cls.from_dict(data)
+
+
+def _check_share(name: str, value: Any, otherwise: str) -> None:
+    """A share of the unlabelled images kept by rank: None (select otherwise) or in (0, 1]."""
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}; pass --{name} 0.8, say, or {otherwise}")
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
