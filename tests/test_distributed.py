@@ -152,3 +152,28 @@ def test_a_dead_rank_stops_the_other_with_a_clear_message(tmp_path):
     assert "lost contact with the other training processes" in err
     assert "--resume" in err
     assert "Traceback" not in err
+
+
+def test_two_processes_share_the_teachers_labelling_and_keep_the_same_images(tmp_path):
+    """Each process embeds half of the unlabelled images for the teacher; the gathered
+    labels equal one process's labelling of them all."""
+    from mbdml.config import make_config
+    from mbdml.self_training import label_with_teacher
+    from mbdml.train import prepare_data, train
+
+    small = dict(dataset="digits", model="resnet_small", width=8, embedding_dim=16, k=20, batch_size=32, sigma=1.0,
+                 progress=False, retrieval_metrics=False, deterministic=True, cache_dir=str(tmp_path / "cache"))
+    teacher = train(make_config(**small, method="mbdml1", max_epochs=2, save_dir=str(tmp_path), name="teacher")).run_dir
+    student = {**small, "method": "mixup", "teacher": str(teacher), "teacher_fraction": 0.6}
+    (tmp_path / "student.json").write_text(json.dumps(student))
+    res = torchrun(str(SCRIPTS / "teacher_labels.py"), str(tmp_path / "two.pt"), str(tmp_path / "student.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt")
+    cfg = make_config(**student).resolved()
+    data = prepare_data(cfg)
+    one = label_with_teacher(cfg, data, torch.device("cpu"))
+    n = len(data.unlabelled)
+    assert sum(two["embedded"]) == n and abs(two["embedded"][0] - two["embedded"][1]) <= 1
+    assert torch.equal(two["indices"], one.indices) and torch.equal(two["labels"], one.labels)
+    assert torch.allclose(two["confidence"], one.confidence, atol=1e-5)
+    assert 0.5 * n <= one.indices.numel() <= 0.6 * n

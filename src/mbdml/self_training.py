@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
+from .distributed import SINGLE, DistContext, all_gather_rows
 from .errors import CheckpointError, ConfigError
 from .evaluate import compute_embeddings
 
@@ -103,13 +104,15 @@ def select_pseudo_labels(confidence: torch.Tensor, labels: torch.Tensor, num_cla
 
 
 @torch.no_grad()
-def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: int = 4096) -> TeacherLabels:
+def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
     """Label ``data.unlabelled`` with the teacher run ``cfg.teacher`` (its final model).
 
     The teacher's centres are its labelled training images as embedded at the end of
     its run; they must be the student's labelled images (same count and labels, in
     order), which catches a teacher trained on another split even when its
-    configuration file was edited.
+    configuration file was edited. With several processes (``dist``) each embeds and
+    labels its shard of the unlabelled images and the results are gathered, so every
+    process keeps the same images.
     """
     from .train import labeller_probabilities, load_run
 
@@ -148,17 +151,19 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
         )
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.amp == "bf16")
     conf_all, lab_all = [], []
-    for start in range(0, len(unl), block):
+    part = dist.shard(len(unl))
+    for start in range(part.start, part.stop, block):
         with autocast:
             emb = compute_embeddings(
-                teacher.model, unl.images[start : start + block], batch_size=max(256, tcfg.batch_size), device=device,
+                teacher.model, unl.images[start : min(start + block, part.stop)], batch_size=max(256, tcfg.batch_size), device=device,
                 mean=tcfg.mean, std=tcfg.std, channels_last=tcfg.channels_last, flip_average=tcfg.tta_flip,
             )
         probs = labeller_probabilities(cfg.pseudo_labeller, kernel, emb, kernel.neighbours(emb), head)
         conf, lab = probs.max(1)
         conf_all.append(conf.cpu())
         lab_all.append(lab.cpu())
-    conf, lab = torch.cat(conf_all), torch.cat(lab_all)
+    conf = all_gather_rows(torch.cat(conf_all) if conf_all else torch.zeros(0), dist)
+    lab = all_gather_rows(torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long), dist)
     keep = select_pseudo_labels(conf, lab, len(data.classes), cfg.teacher_fraction, cfg.pseudo_threshold)
     idx = keep.nonzero().reshape(-1)
     return TeacherLabels(idx, lab[idx], conf[idx], len(unl), str(teacher_dir), time.perf_counter() - t0)
@@ -182,16 +187,16 @@ def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:
     return dataclasses.replace(data, train=train, unlabelled=unl.subset(rest), unlabelled_count=int(rest.sum()))
 
 
-def apply_teacher(cfg: RunConfig, data: Any, device: torch.device, run_dir: Path, reuse: bool = False, write: bool = True) -> tuple[Any, dict[str, Any]]:
+def apply_teacher(cfg: RunConfig, data: Any, device: torch.device, run_dir: Path, reuse: bool = False, dist: DistContext = SINGLE) -> tuple[Any, dict[str, Any]]:
     """Label with the teacher and return the student's data and the labelling's
-    statistics. The labels are saved in the run folder; a resumed run (``reuse``)
-    reads them back instead of labelling again."""
+    statistics. The labels are saved in the run folder (by the main process); a
+    resumed run (``reuse``) reads them back instead of labelling again."""
     path = run_dir / LABELS_FILE
     if reuse and path.is_file():
         labels = TeacherLabels.load(path)
     else:
-        labels = label_with_teacher(cfg, data, device)
-        if write:
+        labels = label_with_teacher(cfg, data, device, dist=dist)
+        if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             labels.save(path)
     stats = labels.stats(data.unlabelled.labels)

@@ -693,7 +693,7 @@ class Trainer:
         if cfg.teacher is not None:
             from .self_training import apply_teacher
 
-            self.data, self.teacher_stats = apply_teacher(cfg, self.data, self.device, self.run_dir, reuse=self.resume, write=self.dist.is_main)
+            self.data, self.teacher_stats = apply_teacher(cfg, self.data, self.device, self.run_dir, reuse=self.resume, dist=self.dist)
         data = self.data
         self.cfg = cfg = cfg.with_data(data.train.channels, min(data.train.image_size))
         n_centres = len(data.train)
