@@ -38,6 +38,7 @@ PRESETS = ("default", "scratch", "finetune", "paper")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_CHOICES = ("none", "bf16", "auto")  # resolved per device by mbdml.precision.resolve_amp
 
 
 @dataclass
@@ -70,7 +71,7 @@ class RunConfig:
     frozen_cache_gb: float = 4.0  # memory for the frozen stages' outputs of un-augmented images (0: recompute them)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
     channels_last: bool = True
-    amp: str = "none"  # none | bf16: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16)
+    amp: str = "none"  # none | bf16 | auto: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16 or AMX, much slower without); auto: bf16 where native
     compile: bool = False  # torch.compile the training forward pass
     # kernel classifier
     sigma: float = 0.3  # ours, for unit-length embeddings; the paper's 10 suits raw 2048-d features
@@ -163,7 +164,7 @@ class RunConfig:
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
         choice("pseudo_labeller", self.pseudo_labeller, PSEUDO_LABELLERS)
         choice("split", self.split, ("random", "folds"))
-        choice("amp", self.amp, ("none", "bf16"))
+        choice("amp", self.amp, AMP_CHOICES)
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
         positive("sigma", self.sigma, "pass --sigma 10 (the paper's value)")
         positive("learning_rate", self.learning_rate, "pass e.g. --learning_rate 1e-3")

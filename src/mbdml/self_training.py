@@ -32,6 +32,7 @@ from .config import RunConfig
 from .distributed import SINGLE, DistContext, all_gather_rows
 from .errors import CheckpointError, ConfigError
 from .evaluate import compute_embeddings
+from .precision import resolve_amp
 
 log = logging.getLogger("mbdml")
 
@@ -149,7 +150,8 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
             f"--pseudo_labeller {cfg.pseudo_labeller} reads the teacher's mixup head, and the teacher ({tcfg.method}) has none; "
             "use --pseudo_labeller kernel or kernel_all"
         )
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tcfg.amp == "bf16")
+    # the student's precision (--amp, for this machine), whatever the teacher trained in
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
     conf_all, lab_all = [], []
     part = dist.shard(len(unl))
     for start in range(part.start, part.stop, block):

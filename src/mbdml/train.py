@@ -18,6 +18,7 @@ moment loses at most the epoch it was in: ``mbdml train --resume RUN_DIR``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -42,6 +43,7 @@ from .feature_cache import FrozenFeatureCache
 from .kernel import NNGKClassifier
 from .methods import PSEUDO_LABELLERS, Method, MethodOptions, build_method
 from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
+from .precision import cpu_description, resolve_amp
 
 if TYPE_CHECKING:
     from .data.batches import Augmentation
@@ -93,6 +95,8 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "command": " ".join(sys.argv),
         "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": cpu_description(),
     }
     for mod in ("pytorch_metric_learning", "sklearn", "PIL", "faiss"):
         try:
@@ -685,6 +689,9 @@ class Trainer:
                 raise ConfigError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm); on CPUs each process keeps its own BatchNorm batch statistics")
 
     def _run(self) -> RunResult:
+        # --amp auto becomes bf16 or none for this device; the saved configuration holds
+        # what was used, so the run is repeated as it ran.
+        self.cfg = dataclasses.replace(self.cfg, amp=resolve_amp(self.cfg.amp, self.device))
         cfg = self.cfg
         t_start = time.perf_counter()
         if self.data is None:
