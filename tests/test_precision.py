@@ -66,6 +66,7 @@ def test_a_run_saves_the_precision_it_used_not_auto(tmp_path, native, has_bf16, 
     assert load_run(res.run_dir, "last").config.amp == expected
     env = json.loads((res.run_dir / "environment.json").read_text())
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"] and env["cpu"] == precision.cpu_model_name()
 
 
 def test_cli_takes_amp_auto():

@@ -37,6 +37,20 @@ def device_has_native_bf16(device: torch.device) -> bool:
     return False  # MPS and others: not measured, float32
 
 
+def cpu_model_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for the run's environment.json."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_description() -> str:
     """The CPU's vector instruction level as torch sees it (e.g. ``AVX2``, ``AVX512``)."""
     try:

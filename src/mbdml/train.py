@@ -43,7 +43,7 @@ from .feature_cache import FrozenFeatureCache
 from .kernel import NNGKClassifier
 from .methods import PSEUDO_LABELLERS, Method, MethodOptions, build_method
 from .models import EmbeddingNet, build_model, recalibrate_batchnorm, set_batchnorm_eval
-from .precision import cpu_description, resolve_amp
+from .precision import cpu_description, cpu_model_name, resolve_amp
 
 if TYPE_CHECKING:
     from .data.batches import Augmentation
@@ -95,7 +95,7 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "command": " ".join(sys.argv),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
         "cpu_capability": cpu_description(),
     }
     for mod in ("pytorch_metric_learning", "sklearn", "PIL", "faiss"):
