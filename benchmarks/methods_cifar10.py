@@ -11,10 +11,10 @@ JSON file.
         --set optimizer=sgd schedule=onecycle learning_rate=0.1 label_smoothing=0.1
     # an equal time budget: the single-pass methods get twice MbDML1's epochs
     python benchmarks/methods_cifar10.py --methods mbdml1,nngk,mixup --seeds 0,1,2 \
-        --epochs mbdml1=70,nngk=140,mixup=140 --set preset=scratch amp=bf16
+        --epochs mbdml1=70,nngk=140,mixup=140 --set preset=scratch amp=auto
     # self-training: each seed's MbDML1 run labels that seed's unlabelled images for a Mixup student
     python benchmarks/methods_cifar10.py --methods mixup --seeds 0,1,2 --epochs 5 --save_dir runs/student \
-        --set preset=finetune amp=bf16 teacher=runs/teacher/mbdml1-seed{seed} pseudo_labeller=kernel_all
+        --set preset=finetune amp=auto teacher=runs/teacher/mbdml1-seed{seed} pseudo_labeller=kernel_all
 
 The figures depend on the machine's load: run nothing else beside it.
 """

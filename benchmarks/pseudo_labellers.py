@@ -27,6 +27,7 @@ import torch
 
 from mbdml.evaluate import compute_embeddings
 from mbdml.methods import PSEUDO_LABELLERS
+from mbdml.precision import device_has_native_bf16
 from mbdml.train import labeller_probabilities, load_run, prepare_data, select_by_rank
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     pick = torch.randperm(len(unl), generator=torch.Generator().manual_seed(0))[: args.images]
     truth = unl.labels[pick]
     t0 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp != "none" and device_has_native_bf16(torch.device("cpu"))):
         emb = compute_embeddings(run.model, unl.images[pick], batch_size=256, mean=cfg.mean, std=cfg.std,
                                  channels_last=cfg.channels_last, flip_average=cfg.tta_flip)
     seconds = time.perf_counter() - t0
