@@ -70,6 +70,7 @@ def test_scratch_preset_is_the_validated_recipe():
     assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.05, 0.1)
     assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 70)
     assert cfg.preset == "scratch" and cfg.scale_mixup == 1.0
+    assert cfg.amp == "auto" and make_config("scratch", amp="none").amp == "none"
     assert make_config("scratch", max_epochs=5).max_epochs == 5
 
 
@@ -79,7 +80,7 @@ def test_finetune_preset_is_the_scratch_recipe_on_pretrained_lite0():
     assert cfg.freeze_stages == 3
     assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.02, 0.1)
     assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 30)
-    assert cfg.preset == "finetune"
+    assert cfg.preset == "finetune" and cfg.amp == "auto"
     # Explicit values win, and the preset survives a round trip through config.json.
     assert make_config("finetune", learning_rate=0.01, input_size=64).input_size == 64
     assert make_config("finetune", freeze_stages=0).freeze_stages == 0

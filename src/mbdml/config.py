@@ -353,6 +353,7 @@ def preset_values(preset: str) -> dict[str, Any]:
             "tta_flip": True,
             "update_interval": 4,
             "max_epochs": 70,
+            "amp": "auto",  # bfloat16 where the CPU/GPU computes it natively (the recipe was measured so)
         }
     if preset == "finetune":
         return {
