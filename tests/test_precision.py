@@ -74,3 +74,17 @@ def test_cli_takes_amp_auto():
 
     args = build_parser().parse_args(["train", "--dataset", "digits", "--amp", "auto"])
     assert args.amp == "auto"
+
+
+def test_a_self_training_run_in_emulated_bf16_warns_once(tmp_path, native, caplog):
+    """The run warns; the teacher's labelling inside it, in the same precision, does not again."""
+    from mbdml.train import train
+
+    small = dict(dataset="digits", width=8, embedding_dim=16, k=20, max_epochs=1, batch_size=32, progress=False,
+                 retrieval_metrics=False, save_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    teacher = train(make_config(**small, method="mbdml1", name="teacher")).run_dir
+    native(False)
+    with caplog.at_level(logging.WARNING, logger="mbdml"):
+        train(make_config(**small, method="mixup", amp="bf16", teacher=str(teacher), name="student"))
+    warnings = [r.getMessage() for r in caplog.records if "without bfloat16 instructions" in r.getMessage()]
+    assert len(warnings) == 1

@@ -59,19 +59,20 @@ def cpu_description() -> str:
         return "unknown"
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
+def resolve_amp(amp: str, device: torch.device, warn: bool = True) -> str:
     """``none`` or ``bf16`` for this device: ``auto`` becomes ``bf16`` where the device
     computes bfloat16 natively and ``none`` elsewhere. ``bf16`` asked for where it is
-    emulated stays ``bf16`` (the results are valid) with a warning naming the fix."""
+    emulated stays ``bf16`` (the results are valid) with a warning naming the fix
+    (unless ``warn`` is False: a caller inside a run that has warned already)."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
     native = device_has_native_bf16(device) if amp != "none" else False
     if amp == "auto":
         chosen = "bf16" if native else "none"
         where = f"this CPU ({cpu_description()})" if device.type == "cpu" else str(device)
-        log.info("--amp auto: %s on %s", "bfloat16 autocast" if native else "float32, no bfloat16 instructions", where)
+        (log.info if warn else log.debug)("--amp auto: %s on %s", "bfloat16 autocast" if native else "float32, no bfloat16 instructions", where)
         return chosen
-    if amp == "bf16" and not native:
+    if amp == "bf16" and not native and warn:
         if device.type == "cpu":
             log.warning(
                 "--amp bf16 on a CPU without bfloat16 instructions (%s; no AVX512-BF16 or AMX): bfloat16 is emulated here and a "

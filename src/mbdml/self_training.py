@@ -151,7 +151,7 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
             "use --pseudo_labeller kernel or kernel_all"
         )
     # the student's precision (--amp, for this machine), whatever the teacher trained in
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device) == "bf16")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device, warn=False) == "bf16")
     conf_all, lab_all = [], []
     part = dist.shard(len(unl))
     for start in range(part.start, part.stop, block):
