@@ -47,15 +47,15 @@ PARTS: dict[str, dict] = {
         "settings": dict(RECIPE),
     },
     "finetune": {
-        "title": "CIFAR-10, 10% labels, ImageNet-pretrained EfficientNet-Lite0 at 96 px, first 3 stages fixed (the finetune preset), at an equal time budget",
+        "title": "CIFAR-10, 10% labels, ImageNet-pretrained EfficientNet-Lite0 at 96 px, first 3 stages fixed (the finetune preset until 2026-12-02), at an equal time budget",
         "dataset": "cifar10",
         # MbDML1 with one pass per image (--split_batch) runs as many epochs as the others
         "epochs": {"mbdml1": 56, "nngk": 60, "mixup": 60},
-        "settings": {"preset": "finetune", "amp": "auto"},
+        "settings": {"preset": "finetune", "amp": "auto", "input_size": 96, "update_interval": 4},
         "method_settings": {"mbdml1": {"split_batch": True, "update_interval": 8}, "nngk": {"update_interval": 8}},
     },
     "finetune128": {
-        "title": "CIFAR-10, 10% labels, the pretrained EfficientNet-Lite0 at 128 px, first 3 stages fixed, at an equal time budget",
+        "title": "CIFAR-10, 10% labels, the pretrained EfficientNet-Lite0 at 128 px, first 3 stages fixed (the finetune preset), at an equal time budget",
         "dataset": "cifar10",
         "epochs": {"mbdml1": 30, "nngk": 32, "mixup": 32},
         "settings": {"preset": "finetune", "amp": "auto", "input_size": 128, "update_interval": 6},
@@ -71,7 +71,7 @@ PARTS: dict[str, dict] = {
         "title": "CIFAR-10, 10% labels: MbDML1 with the pseudo-labelled 90% (mbdml1_semi) on the pretrained EfficientNet-Lite0",
         "dataset": "cifar10",
         "epochs": {"mbdml1_semi": 56},
-        "settings": {"preset": "finetune", "amp": "auto", "split_batch": True, "update_interval": 8, "pseudo_start": 8, "pseudo_fraction": 0.8},
+        "settings": {"preset": "finetune", "amp": "auto", "input_size": 96, "split_batch": True, "update_interval": 8, "pseudo_start": 8, "pseudo_fraction": 0.8},
     },
     "semi_finetune128": {
         "title": "CIFAR-10, 10% labels: mbdml1_semi on the pretrained EfficientNet-Lite0 at 128 px",

@@ -14,7 +14,7 @@ jemalloc and tcmalloc started with ``LD_PRELOAD``; the rounds are
 interleaved (A B C, then C B A) and the median of each is printed beside its ratio to
 glibc, with the minor page faults and the system time of the process per training image.
 
-    python benchmarks/allocator.py                          # the finetune preset, MbDML1, one pass per image
+    python benchmarks/allocator.py                          # the finetune preset at 96 px, MbDML1, one pass per image
     python benchmarks/allocator.py --method mixup --set preset=scratch amp=auto
     python benchmarks/allocator.py --dataset digits --set max_epochs=2   # a quick check
 
@@ -123,8 +123,8 @@ def main() -> None:
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--method", default="mbdml1")
     p.add_argument("--labelled_fraction", type=float, default=0.05, help="a short epoch (2,250 CIFAR-10 training images)")
-    p.add_argument("--set", nargs="*", default=["preset=finetune", "amp=auto", "split_batch=true"], metavar="KEY=VALUE",
-                   help="configuration values for the run (JSON values); default: the finetune preset in bf16 where the CPU has it (amp=auto), one pass per image")
+    p.add_argument("--set", nargs="*", default=["preset=finetune", "amp=auto", "split_batch=true", "input_size=96"], metavar="KEY=VALUE",
+                   help="configuration values for the run (JSON values); default: the finetune preset at 96 px (where docs/benchmarks.md measured it) in bf16 where the CPU has it (amp=auto), one pass per image")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the allocators, alternately forwards and backwards")
     p.add_argument("--only", default=None, help="comma-separated allocator names to measure (default: all found)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -36,7 +36,7 @@ from mbdml.data.batches import normalized_batches
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96, the finetune preset)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels (default 96, the finetune preset until 2026-12-02; it now uses 128)")
     p.add_argument("--freeze", type=int, default=3, help="frozen stages (default 3, the finetune preset)")
     p.add_argument("--labelled", type=int, default=4500, help="centres (CIFAR-10 at 10%% labels: 4,500)")
     p.add_argument("--unlabelled", type=int, default=4500, help="images of the pseudo-labelling pass timed (0: skip)")

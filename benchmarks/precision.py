@@ -3,7 +3,8 @@
 Whether ``--amp bf16`` pays depends on the CPU: with AVX512-BF16 or AMX it about
 halves a step, with AVX2 only oneDNN has no bfloat16 kernels and it is emulated. This
 prints both, for the two backbones the presets use (``resnet_small`` at 32 pixels; the
-EfficientNet-Lite0 of the ``finetune`` preset at 96 pixels with its first 3 stages fixed,
+EfficientNet-Lite0 of the ``finetune`` preset with its first 3 stages fixed, at 96 pixels
+(the preset's size until 2026-12-02; 128 now),
 random weights unless the ``efficientnet`` extra is installed), as the median of
 interleaved rounds, and what ``--amp auto`` picks on this machine.
 

@@ -37,7 +37,10 @@ def test_authors_flags_have_their_meaning_and_types():
 def test_fine_tuning_flags_reach_the_configuration():
     cfg = parse("--preset", "finetune", "--method", "mbdml1", "--split_batch", "true", "--frozen_cache_gb", "0.5")
     assert cfg.split_batch is True and cfg.frozen_cache_gb == 0.5 and cfg.freeze_stages == 3
-    assert parse("--method", "mbdml3").split_batch is False
+    # Left to the preset unless given: one pass per image under finetune, two elsewhere.
+    assert parse("--method", "mbdml3").split_batch is None and parse("--method", "mbdml3").resolved().split_batch is False
+    assert parse("--preset", "finetune", "--method", "mbdml3").resolved().split_batch is True
+    assert parse("--preset", "finetune", "--method", "mbdml1", "--split_batch", "false").resolved().split_batch is False
 
 
 def test_bad_flag_values_are_refused_by_the_parser(capsys):

@@ -76,10 +76,10 @@ def test_scratch_preset_is_the_validated_recipe():
 
 def test_finetune_preset_is_the_scratch_recipe_on_pretrained_lite0():
     cfg = make_config("finetune", method="mbdml1").resolved()
-    assert (cfg.model, cfg.pretrained, cfg.input_size, cfg.mean, cfg.std) == ("efficientnet_lite0", "imagenet", 96, (0.5,), (0.5,))
-    assert cfg.freeze_stages == 3
+    assert (cfg.model, cfg.pretrained, cfg.input_size, cfg.mean, cfg.std) == ("efficientnet_lite0", "imagenet", 128, (0.5,), (0.5,))
+    assert cfg.freeze_stages == 3 and cfg.split_batch is True
     assert (cfg.optimizer, cfg.schedule, cfg.learning_rate, cfg.label_smoothing) == ("sgd", "onecycle", 0.02, 0.1)
-    assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 4, 30)
+    assert (cfg.batch_size, cfg.tta_flip, cfg.update_interval, cfg.max_epochs) == (128, True, 6, 30)
     assert cfg.preset == "finetune" and cfg.amp == "auto"
     # Explicit values win, and the preset survives a round trip through config.json.
     assert make_config("finetune", learning_rate=0.01, input_size=64).input_size == 64
@@ -102,6 +102,22 @@ def test_freeze_stages_needs_a_pretrained_trunk_and_a_count():
         make_config("finetune", freeze_stages=-1).validate()
     cfg = make_config("finetune", freeze_stages=3).resolved()
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).freeze_stages == 3
+
+
+def test_finetune_preset_splits_the_batch_of_the_methods_with_two_terms(tmp_path):
+    from mbdml.experiment import plan
+    from mbdml.methods import METHODS
+
+    for method, cls in METHODS.items():
+        assert make_config("finetune", method=method).resolved().split_batch is cls.can_split_batch, method
+        assert make_config("scratch", method=method).resolved().split_batch is False, method
+    assert make_config("finetune", method="mbdml1", split_batch=False).resolved().split_batch is False
+    # compare swaps the method into an unresolved base: each method gets its own default
+    jobs = plan(make_config("finetune"), ["digits"], ["mbdml1", "mixup", "mbdml1_semi", "nngk"], 1, tmp_path)
+    assert [(job.method, job.config.split_batch) for job in jobs] == [("mbdml1", True), ("mixup", False), ("mbdml1_semi", True), ("nngk", False)]
+    # a saved run keeps the value it ran with
+    cfg = make_config("finetune", method="mbdml3").resolved()
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).split_batch is True
 
 
 def test_split_batch_is_refused_where_there_is_nothing_to_split():

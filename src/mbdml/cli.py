@@ -80,7 +80,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g = p.add_argument_group("what to train")
     if single_run:
         g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
-    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' (that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 96 px, its first 3 stages fixed) or 'paper' (the authors' set-up)")
+    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' (that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 128 px, its first 3 stages fixed, one pass per image) or 'paper' (the authors' set-up)")
     g.add_argument("--config", metavar="FILE", default=S, help="a config.json of an earlier run to start from (flags override it)")
     if single_run:
         g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
@@ -129,7 +129,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
     g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
     g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
-    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3 and the semi-supervised methods: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default False)")
+    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3 and the semi-supervised methods: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default: true with --preset finetune, false otherwise)")
     g.add_argument("--label_smoothing", type=finite_float, default=S, help="label smoothing epsilon for the NNGK and cross-entropy terms (default 0)")
 
     g = p.add_argument_group("semi-supervised (methods mbdml_semi, mbdml1_semi: the unlabelled images get pseudo-labels)")

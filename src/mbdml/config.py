@@ -14,9 +14,12 @@ Presets:
   CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16``).
 - ``finetune``: the same optimiser and schedule for the ImageNet-pretrained
   EfficientNet-Lite0 (the weights of the ``efficientnet`` extra), images resized to
-  96 pixels, the stem and first 3 stages kept fixed (``freeze_stages``), a rate of 0.02
-  and 30 epochs (about 33 minutes of MbDML1 on CIFAR-10 at 10% labels with
-  ``--amp bf16``; docs/accuracy.md).
+  128 pixels, the stem and first 3 stages kept fixed (``freeze_stages``), a rate of
+  0.02, a refresh every 6 epochs, 30 epochs, and one pass per image for the methods
+  with a clean and a mixed term (``split_batch``): about 29 minutes of MbDML1 on
+  CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16``, 51-59 in float32 on an
+  AVX2 CPU (docs/accuracy.md). Until 2026-12-02 it used 96 pixels, a refresh every 4
+  epochs and two passes.
 - ``paper``: the authors' set-up (SPEC §5): ResNet-50 (2048-d post-ReLU features as the
   embedding), BatchNorm frozen, flip only, Adam at 1e-5, batch 32, 50 epochs, their
   per-method loss weights and the raw features as mixup logits. The ImageNet weights
@@ -86,7 +89,9 @@ class RunConfig:
     mixup_head: str = "linear"
     mixed_neighbours: str = "sample"
     label_smoothing: float = 0.0  # for the NNGK and cross-entropy terms
-    split_batch: bool = False  # mbdml1/mbdml3 and the semi methods: clean term on half the batch, mixed on the other half (one pass)
+    # mbdml1/mbdml3 and the semi methods: clean term on half the batch, mixed on the other half
+    # (one pass); None: the preset's value for the method (default_split_batch)
+    split_batch: bool | None = None
     # semi-supervised (methods mbdml_semi, mbdml1_semi): pseudo-labels from the kernel classifier
     pseudo_threshold: float = 0.9  # keep an unlabelled image when its top class probability reaches this
     pseudo_start: int | None = None  # first epoch (0-based) with pseudo-labels; None: a quarter of max_epochs
@@ -248,6 +253,8 @@ class RunConfig:
         cfg = dataclasses.replace(self)
         if cfg.scale_mixup is None:
             cfg.scale_mixup = default_scale_mixup(cfg.preset, cfg.method)
+        if cfg.split_batch is None:
+            cfg.split_batch = default_split_batch(cfg.preset, cfg.method)
         if cfg.eval_every is None:
             cfg.eval_every = cfg.update_interval
         if cfg.pseudo_start is None:
@@ -337,6 +344,19 @@ def default_scale_mixup(preset: str, method: str) -> float:
     return 1.0
 
 
+def default_split_batch(preset: str, method: str) -> bool:
+    """Whether a preset gives a method one pass per image (``split_batch``).
+
+    The ``finetune`` preset does, for the methods that have a clean and a mixed term:
+    its figures were measured so (docs/accuracy.md, runs V-AX). Elsewhere the paper's
+    two passes.
+    """
+    from .methods import METHODS
+
+    method_cls = METHODS.get(method)  # an unknown method is refused by validate()
+    return preset == "finetune" and method_cls is not None and method_cls.can_split_batch
+
+
 def preset_values(preset: str) -> dict[str, Any]:
     """The field values a preset sets (the rest keep the dataclass defaults)."""
     if preset == "default":
@@ -360,11 +380,12 @@ def preset_values(preset: str) -> dict[str, Any]:
             **preset_values("scratch"),
             "model": "efficientnet_lite0",
             "pretrained": "imagenet",
-            "input_size": 96,
+            "input_size": 128,
             "freeze_stages": 3,
             "mean": (0.5,),
             "std": (0.5,),
             "learning_rate": 0.02,
+            "update_interval": 6,  # 5 refreshes in 30 epochs
             "max_epochs": 30,
         }
     if preset == "paper":
