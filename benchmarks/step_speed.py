@@ -6,7 +6,9 @@ the printed ratios hold on a noisy machine even when the absolute times do not:
 - MbDML2, NNGK, Mixup: one forward/backward pass, against one plain CE step;
 - MbDML1, MbDML3: a clean and a mixed pass, against plain CE on both (a 2B batch);
 - the input pipeline: images per second that the batch loader (flip + padded crop +
-  normalisation on whole batches) delivers, against what a CE training step consumes.
+  normalisation on whole batches) delivers, against what a CE training step consumes;
+  and the same with RandAugment and Cutout on top (the strong view that
+  ``--pseudo_augment randaugment`` gives the pseudo-labelled images).
 
     python benchmarks/step_speed.py [--batch 128 --width 32 --centres 4500 --device cuda]
 """
@@ -20,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mbdml.data.batches import Augmentation, BatchLoader
+from mbdml.data.batches import Augmentation, BatchLoader, augment_batch
+from mbdml.data.randaugment import RandAugment, randaugment_batch
 from mbdml.kernel import NNGKClassifier
 from mbdml.methods import MethodOptions, build_method
 from mbdml.models import build_model
@@ -107,6 +110,18 @@ def main() -> None:
     pipe = count / (time.perf_counter() - t0)
     consumed = b / med["ce (B)"]
     print(f"\ninput pipeline: {pipe:.0f} images/s delivered, the CE step consumes {consumed:.0f} images/s: {pipe / consumed:.1f}x")
+
+    gen = torch.Generator().manual_seed(0)
+    weak, strong = Augmentation(flip=True, crop_padding=4), RandAugment()
+    t0 = time.perf_counter()
+    count = 0
+    for start in range(0, n - b + 1, b):
+        batch = augment_batch(images[start : start + b].to(device), weak, gen)
+        randaugment_batch(batch, strong, gen)
+        count += b
+    sync()
+    strong_rate = count / (time.perf_counter() - t0)
+    print(f"with RandAugment (2 operations) and Cutout on top: {strong_rate:.0f} images/s, {strong_rate / consumed:.1f}x what the CE step consumes")
 
 
 if __name__ == "__main__":

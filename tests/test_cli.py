@@ -43,8 +43,14 @@ def test_fine_tuning_flags_reach_the_configuration():
     assert parse("--preset", "finetune", "--method", "mbdml1", "--split_batch", "false").resolved().split_batch is False
 
 
+def test_strong_augmentation_flags_reach_the_configuration():
+    cfg = parse("--method", "mbdml1_semi", "--pseudo_augment", "randaugment", "--randaugment_ops", "3", "--randaugment_magnitude", "0.5")
+    assert (cfg.pseudo_augment, cfg.randaugment_ops, cfg.randaugment_magnitude) == ("randaugment", 3, 0.5)
+    assert parse("--method", "mbdml1_semi").pseudo_augment == "standard"
+
+
 def test_bad_flag_values_are_refused_by_the_parser(capsys):
-    for argv in (["--sigma", "ten"], ["--tsne_graph", "maybe"], ["--method", "arcface"]):
+    for argv in (["--sigma", "ten"], ["--tsne_graph", "maybe"], ["--method", "arcface"], ["--pseudo_augment", "autoaugment"]):
         with pytest.raises(SystemExit) as exc:
             build_parser().parse_args(["train", *argv])
         assert exc.value.code == 2

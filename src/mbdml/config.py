@@ -41,6 +41,7 @@ PRESETS = ("default", "scratch", "finetune", "paper")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PSEUDO_AUGMENTS = ("standard", "randaugment")  # how the semi-supervised methods augment pseudo-labelled images
 AMP_CHOICES = ("none", "bf16", "auto")  # resolved per device by mbdml.precision.resolve_amp
 
 
@@ -105,6 +106,12 @@ class RunConfig:
     # centres, the kernel classifier on every centre, the mixup head's softmax (methods with a
     # head: mbdml1_semi), or the mean of the kernel's and the head's probabilities
     pseudo_labeller: str = "kernel"
+    # how the pseudo-labelled images are augmented when they are trained on: like the labelled
+    # ones (standard), or also with RandAugment and a Cutout of half the side (randaugment: the
+    # strong view of FixMatch; mbdml.data.randaugment)
+    pseudo_augment: str = "standard"
+    randaugment_ops: int = 2  # operations per image
+    randaugment_magnitude: float = 1.0  # each operation's magnitude is drawn in [0, this]; 1: the full range
     # self-training: a finished run on the same split labels the unlabelled images once,
     # before training; its surest pseudo-labels join the labelled images (mbdml.self_training)
     teacher: str | None = None
@@ -168,6 +175,7 @@ class RunConfig:
         choice("mixup_head", self.mixup_head, MIXUP_HEADS)
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
         choice("pseudo_labeller", self.pseudo_labeller, PSEUDO_LABELLERS)
+        choice("pseudo_augment", self.pseudo_augment, PSEUDO_AUGMENTS)
         choice("split", self.split, ("random", "folds"))
         choice("amp", self.amp, AMP_CHOICES)
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
@@ -210,6 +218,15 @@ class RunConfig:
                 f"--teacher labels the unlabelled images once, before training, and method {self.method} labels them "
                 "itself as it trains: use one of the two (with --teacher, a supervised method such as mixup or mbdml1)"
             )
+        if self.pseudo_augment != "standard" and not method_cls.uses_unlabelled:
+            semi = [name for name, cls in METHODS.items() if cls.uses_unlabelled]
+            raise ConfigError(
+                f"--pseudo_augment {self.pseudo_augment} augments the pseudo-labelled images, and method {self.method} has "
+                f"none; use a semi-supervised method ({', '.join(semi)}) or drop --pseudo_augment"
+            )
+        from .data.randaugment import RandAugment
+
+        RandAugment(num_ops=self.randaugment_ops, magnitude=self.randaugment_magnitude)  # its own checks
         if self.pseudo_labeller in ("head", "mean") and method_cls.uses_unlabelled and not method_cls.has_head:
             with_head = [name for name, cls in METHODS.items() if cls.uses_unlabelled and cls.has_head]
             raise ConfigError(

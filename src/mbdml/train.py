@@ -47,6 +47,7 @@ from .precision import cpu_description, cpu_model_name, resolve_amp
 
 if TYPE_CHECKING:
     from .data.batches import Augmentation
+    from .data.randaugment import RandAugment
 
 log = logging.getLogger("mbdml")
 
@@ -127,6 +128,15 @@ def training_augmentation(cfg: RunConfig) -> "Augmentation":
 
     fill = tuple(255.0 * m for m in cfg.mean)
     return Augmentation(flip=bool(cfg.flip), crop_padding=int(cfg.crop_padding or 0), cutout=cfg.cutout, cutout_fill=fill)
+
+
+def strong_augmentation(cfg: RunConfig) -> "RandAugment":
+    """The RandAugment of ``--pseudo_augment randaugment``, filled with the normalisation
+    mean (so a Cutout square, and what a rotation or shift brings in, is 0 once normalised)."""
+    from .data.randaugment import RandAugment
+
+    fill = tuple(255.0 * m for m in cfg.mean)
+    return RandAugment(num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude, fill=fill)
 
 
 def pseudo_share(cfg: RunConfig, epoch: int) -> float:
@@ -520,9 +530,11 @@ class Trainer:
         return epoch % cfg.update_interval == 0 and epoch - labelled[-1] >= cfg.update_interval
 
     def _pseudo_batch(self, batch_size: int) -> Any:
-        """A random batch of pseudo-labelled images, augmented like the labelled ones
-        (drawn for the global batch, then this process's slice)."""
+        """A random batch of pseudo-labelled images, augmented like the labelled ones, and
+        with RandAugment under ``--pseudo_augment randaugment`` (drawn for the global batch,
+        then this process's slice)."""
         from .data.batches import augment_batch, normalize_batch
+        from .data.randaugment import randaugment_batch
         from .methods import PseudoBatch
 
         if self.pseudo is None or self.pseudo[0].numel() == 0:
@@ -537,6 +549,8 @@ class Trainer:
         aug = training_augmentation(cfg)
         if aug.active:
             images = augment_batch(images, aug, self.data_gen)
+        if cfg.pseudo_augment == "randaugment":  # the strong view, on top of the labelled images' augmentation
+            images = randaugment_batch(images, strong_augmentation(cfg), self.data_gen)
         x = normalize_batch(images, cfg.mean, cfg.std)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

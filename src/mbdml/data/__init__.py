@@ -2,7 +2,8 @@
 
 Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`), splits are
 seeded and stratified (:mod:`mbdml.data.split`), and batches are cut, augmented
-and normalised on whole tensors (:mod:`mbdml.data.batches`).
+and normalised on whole tensors (:mod:`mbdml.data.batches`; the strong RandAugment
+view in :mod:`mbdml.data.randaugment`).
 """
 
 from mbdml.data.batches import PADDING_MODES, Augmentation, Batch, BatchLoader, augment_batch, normalize_batch
@@ -23,6 +24,7 @@ from mbdml.data.sources import (
     resize_images,
     unpack_cifar10_archive,
 )
+from mbdml.data.randaugment import RANDAUGMENT_OPS, RandAugment, randaugment_batch
 from mbdml.data.split import SPLIT_MODES, check_every_class_labelled, labelled_split, validation_split
 
 __all__ = [
@@ -36,6 +38,8 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "ImageSet",
     "PADDING_MODES",
+    "RANDAUGMENT_OPS",
+    "RandAugment",
     "SPLIT_MODES",
     "augment_batch",
     "check_every_class_labelled",
@@ -49,6 +53,7 @@ __all__ = [
     "load_idx",
     "load_image_folder",
     "normalize_batch",
+    "randaugment_batch",
     "resize_images",
     "unpack_cifar10_archive",
 ]
