@@ -79,6 +79,12 @@ PARTS: dict[str, dict] = {
         "epochs": {"mbdml1_semi": 28},
         "settings": {"preset": "finetune", "amp": "auto", "input_size": 128, "split_batch": True, "update_interval": 6, "pseudo_start": 6, "pseudo_fraction": 0.8},
     },
+    "semi_strong128": {
+        "title": "CIFAR-10, 10% labels: mbdml1_semi at 128 px with the strong view of the pseudo-labelled images (--pseudo_augment randaugment)",
+        "dataset": "cifar10",
+        "epochs": {"mbdml1_semi": 28},
+        "settings": {"preset": "finetune", "amp": "auto", "input_size": 128, "split_batch": True, "update_interval": 6, "pseudo_start": 6, "pseudo_fraction": 0.8, "pseudo_augment": "randaugment"},
+    },
     "fashion": {
         "title": "Fashion-MNIST, 10% labels: the same comparison at an equal time budget",
         "dataset": "fashion-mnist",
