@@ -173,8 +173,10 @@ def test_tensorboard_scalars_when_installed_and_nothing_lost_without(tmp_path, m
     assert (res.run_dir / "metrics.csv").is_file() and not (res.run_dir / "tensorboard").exists()
 
 
-def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tmp_path):
-    opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=1, pseudo_start=1, pseudo_threshold=0.5, tta_flip=True, deterministic=True)
+@pytest.mark.parametrize("pseudo_augment", ["standard", "randaugment"])
+def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tmp_path, pseudo_augment):
+    opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=1, pseudo_start=1, pseudo_threshold=0.5, tta_flip=True,
+                deterministic=True, pseudo_augment=pseudo_augment)
     full = train(small(tmp_path, name="full", **opts))
     rows = full.history
     assert "pseudo_n" not in rows[0]  # the warm-up epoch: labelled images only
