@@ -72,6 +72,14 @@ def test_plan_gives_every_run_its_own_seed_and_fold(tmp_path):
         plan(base(tmp_path), ["digits"], ["nngk"], 0, tmp_path)
 
 
+def test_plan_gives_the_strong_view_only_to_the_semi_supervised_methods(tmp_path):
+    jobs = plan(base(tmp_path, pseudo_augment="randaugment"), ["digits"], ["mbdml1", "mbdml1_semi", "mixup"], 1, tmp_path)
+    got = {j.method: j.config.pseudo_augment for j in jobs}
+    assert got == {"mbdml1": "standard", "mbdml1_semi": "randaugment", "mixup": "standard"}
+    for j in jobs:
+        j.config.validate()  # each configuration is one a run accepts
+
+
 @pytest.mark.parametrize("method", ["contrastive", "proxyanchor", "softtriple", "supcon", "triplet"])
 def test_each_baseline_trains_and_lowers_its_loss_on_real_digits(tmp_path, method):
     res = train(base(tmp_path, method=method, max_epochs=6, labelled_fraction=0.3, eval_every=6, save_dir=str(tmp_path), name=method))

@@ -52,7 +52,13 @@ class Job:
 
 
 def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, results_dir: str | Path) -> list[Job]:
-    """Every (data set, method, run) with its configuration, runs interleaved across methods."""
+    """Every (data set, method, run) with its configuration, runs interleaved across methods.
+
+    Options that concern only some methods go to those: ``--pseudo_augment`` to the
+    semi-supervised ones (the others have no pseudo-labelled images), ``split_batch``
+    and ``scale_mixup`` by the preset's per-method value unless given."""
+    from .methods import METHODS
+
     if runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {runs}")
     if not datasets or not methods:
@@ -65,6 +71,8 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
                 cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
                 if base.teacher is not None:
                     cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
+                if method in METHODS and not METHODS[method].uses_unlabelled:
+                    cfg = dataclasses.replace(cfg, pseudo_augment="standard")
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
                 jobs.append(Job(dataset, method, run, cfg.resolved(), run_dir))
     return jobs
