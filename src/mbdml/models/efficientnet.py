@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mbdml.errors import ConfigError
+from mbdml.models.depthwise import depthwise_conv2d
 from mbdml.models.resnet import _check_positive_int, check_input, drop_classifier_keys, load_pretrained
 
 __all__ = ["EfficientNetLite", "efficientnet_lite0", "lite0_checkpoint_path"]
@@ -76,6 +77,7 @@ class SameConv2d(nn.Conv2d):
             bias=False,
         )
         self._dynamic = not symmetric
+        self._depthwise = groups > 1 and groups == in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dynamic:
@@ -88,6 +90,8 @@ class SameConv2d(nn.Conv2d):
                 pads += [total // 2, total - total // 2]
             if any(pads):
                 x = F.pad(x, pads)
+        if self._depthwise:  # PyTorch's CPU backward of these is slow in bfloat16
+            return depthwise_conv2d(x, self.weight, self.stride[0], self.padding[0])
         return super().forward(x)
 
 
