@@ -107,7 +107,7 @@ def main() -> None:
     def step(fast: bool):
         def run():
             efficientnet.depthwise_conv2d = ours if fast else (
-                lambda x, w, s, p: F.conv2d(x, w, None, s, p, 1, w.shape[0])
+                lambda x, w, s, p, b=None: F.conv2d(x, w, b, s, p, 1, w.shape[0])
             )
             try:
                 model.zero_grad(set_to_none=True)

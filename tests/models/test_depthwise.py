@@ -107,7 +107,7 @@ def test_lite0_training_gradients_under_bfloat16_match_pytorch_backward(monkeypa
     ours = grads()
     import mbdml.models.efficientnet as eff
 
-    monkeypatch.setattr(eff, "depthwise_conv2d", lambda x, w, s, p: F.conv2d(x, w, None, s, p, 1, w.shape[0]))
+    monkeypatch.setattr(eff, "depthwise_conv2d", lambda x, w, s, p, b=None: F.conv2d(x, w, b, s, p, 1, w.shape[0]))
     theirs = grads()
     assert len(ours) == len(theirs) > 50
     flat_o = torch.cat([g.flatten() for g in ours])
@@ -130,3 +130,51 @@ def test_pad_zeros_equals_f_pad_and_keeps_the_layout(channels_last):
     g = torch.randn_like(got)
     (gx,) = torch.autograd.grad(got, x, g)
     torch.testing.assert_close(gx, g[:, :, 2:9, 0:6], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("depthwise,stride", [(False, 1), (True, 2), (True, 1)])
+def test_conv_bn_folds_batchnorm_in_eval_mode_with_the_same_values_and_gradients(depthwise, stride):
+    from mbdml.models.efficientnet import _bn, conv_bn
+
+    torch.manual_seed(0)
+    conv = SameConv2d(6, 6 if depthwise else 4, 3, stride=stride, groups=6 if depthwise else 1).double()
+    bn = _bn(conv.out_channels).double()
+    with torch.no_grad():  # statistics and affine parameters far from the identity
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64, requires_grad=True)
+    bn.eval()
+    folded, plain = conv_bn(conv, bn, x), bn(conv(x))
+    torch.testing.assert_close(folded, plain)
+    params = (x, conv.weight, bn.weight, bn.bias)
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad(folded, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b)
+    bn.train()  # training mode: the batch statistics, not folded
+    torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)))
+
+
+def test_lite0_eval_outputs_with_folded_batchnorm_match_the_layer_by_layer_network():
+    from mbdml.models.efficientnet import conv_bn  # noqa: F401  (the fold is what is checked)
+    import mbdml.models.efficientnet as eff
+
+    torch.manual_seed(0)
+    model = efficientnet_lite0(pretrained=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        folded = model(x)
+        original = eff.conv_bn
+        try:
+            eff.conv_bn = lambda conv, bn, x: bn(conv(x))
+            plain = model(x)
+        finally:
+            eff.conv_bn = original
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)

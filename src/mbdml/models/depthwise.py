@@ -111,11 +111,13 @@ class _DepthwiseConv2d(torch.autograd.Function):
         return gx, gw, None, None
 
 
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
-    """``F.conv2d(x, weight, stride=stride, padding=padding, groups=channels)`` with a fast CPU backward.
+def depthwise_conv2d(
+    x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, groups=channels)`` with a fast CPU backward.
 
     ``weight`` is (C, 1, k, k) for an input of C channels; square kernels, equal stride
-    and padding on both axes, no bias. The fast backward is used where it is needed
+    and padding on both axes. The fast backward is used where it is needed
     (a CPU, bfloat16 or float16 computation, gradients wanted); otherwise this is
     exactly ``F.conv2d``.
     """
@@ -126,6 +128,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, pad
         torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in (torch.bfloat16, torch.float16)
     ) or x.dtype in (torch.bfloat16, torch.float16)
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if device_type != "cpu" or not low_precision or not wants_grad:
-        return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
-    return _DepthwiseConv2d.apply(x, weight, stride, padding)
+    if device_type != "cpu" or not low_precision or not (wants_grad or (bias is not None and bias.requires_grad)):
+        return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
+    out = _DepthwiseConv2d.apply(x, weight, stride, padding)
+    return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)

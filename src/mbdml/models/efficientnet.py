@@ -80,6 +80,10 @@ class SameConv2d(nn.Conv2d):
         self._depthwise = groups > 1 and groups == in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with(x, self.weight)
+
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """This convolution with another weight (and a bias): the BatchNorm-folded form."""
         if self._dynamic:
             pads = []
             for size, k, s in zip(
@@ -91,8 +95,24 @@ class SameConv2d(nn.Conv2d):
             if any(pads):
                 x = pad_zeros(x, pads)
         if self._depthwise:  # PyTorch's CPU backward of these is slow in bfloat16
-            return depthwise_conv2d(x, self.weight, self.stride[0], self.padding[0])
-        return super().forward(x)
+            return depthwise_conv2d(x, weight, self.stride[0], self.padding[0], bias)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``; with ``bn`` in eval mode, one convolution with the BatchNorm folded in.
+
+    In eval mode BatchNorm is a fixed affine map per channel, so it can be folded into
+    the convolution's weight and bias: one pass over the output instead of two. This is
+    the case of the frozen stages (their BatchNorm stays in eval mode while training)
+    and of every layer at evaluation and pseudo-labelling. Gradients still reach the
+    weight and the BatchNorm's affine parameters through the fold.
+    """
+    if bn.training or bn.running_var is None or bn.running_mean is None:
+        return bn(conv(x))
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    return conv.forward_with(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
 
 
 def pad_zeros(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
@@ -150,9 +170,9 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.expand != 1:
-            out = self._relu(self._bn0(self._expand_conv(out)))
-        out = self._relu(self._bn1(self._depthwise_conv(out)))
-        out = self._bn2(self._project_conv(out))
+            out = self._relu(conv_bn(self._expand_conv, self._bn0, out))
+        out = self._relu(conv_bn(self._depthwise_conv, self._bn1, out))
+        out = conv_bn(self._project_conv, self._bn2, out)
         if self.use_skip:
             out = _drop_path(out, self.drop_rate, self.training) + x
         return out
@@ -237,7 +257,7 @@ class EfficientNetLite(nn.Module):
     def prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The feature map after the stem and the first ``n`` stages (see :meth:`suffix`)."""
         check_input(x, self.in_channels, self.arch)
-        x = self._relu(self._bn0(self._conv_stem(x)))
+        x = self._relu(conv_bn(self._conv_stem, self._bn0, x))
         for block in self._blocks[: sum(self._stage_sizes[:n])]:
             x = block(x)
         return x
@@ -246,7 +266,7 @@ class EfficientNetLite(nn.Module):
         """The rest of the trunk from :meth:`prefix`'s output: ``suffix(prefix(x, n), n) == forward(x)``."""
         for block in self._blocks[sum(self._stage_sizes[:n]) :]:
             x = block(x)
-        x = self._relu(self._bn1(self._conv_head(x)))
+        x = self._relu(conv_bn(self._conv_head, self._bn1, x))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
