@@ -7,7 +7,10 @@ Two parts, each timed side by side in one run (interleaved rounds, median of eac
    PyTorch (``aten.convolution_backward``) and by :mod:`mbdml.models.depthwise`;
 2. a whole training step of the trainable part (forward and backward of stages 4-7 and
    the embedding, bfloat16 autocast, channels-last), with PyTorch's depthwise backward
-   and with ours.
+   and with ours;
+3. the frozen stages' forward pass (what every training step and the first labelling of
+   the unlabelled images run), with a separate BatchNorm after each convolution and with
+   the BatchNorm folded into the convolutions.
 
     python benchmarks/depthwise_backward.py [--size 128 --freeze 3 --batch 64]
 """
@@ -124,6 +127,26 @@ def main() -> None:
     print("|---|---|---|---|")
     for name in ("pytorch", "ours"):
         print(f"| {name} | {ms[name]:.0f} | {args.batch / ms[name] * 1000:.0f} | {ms['pytorch'] / ms[name]:.2f}x |")
+
+    fold = efficientnet.conv_bn
+
+    def frozen(new: bool):
+        def run():
+            if not new:
+                efficientnet.conv_bn = lambda conv, bn, x: bn(conv(x))
+            try:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    model.frozen_features(x)
+            finally:
+                efficientnet.conv_bn = fold
+        return run
+
+    ms = _median_ms({"separate": frozen(False), "folded": frozen(True)}, args.rounds)
+    print(f"\n## The frozen stem and stages 1-{args.freeze}, forward, bfloat16\n")
+    print("| BatchNorm | ms per batch | images/s | ratio |")
+    print("|---|---|---|---|")
+    for name in ("separate", "folded"):
+        print(f"| {name} | {ms[name]:.0f} | {args.batch / ms[name] * 1000:.0f} | {ms['separate'] / ms[name]:.2f}x |")
 
 
 if __name__ == "__main__":

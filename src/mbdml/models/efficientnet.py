@@ -93,7 +93,7 @@ class SameConv2d(nn.Conv2d):
                 total = max((out - 1) * s + k - size, 0)
                 pads += [total // 2, total - total // 2]
             if any(pads):
-                x = pad_zeros(x, pads)
+                x = F.pad(x, pads)
         if self._depthwise:  # PyTorch's CPU backward of these is slow in bfloat16
             return depthwise_conv2d(x, weight, self.stride[0], self.padding[0], bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -113,21 +113,6 @@ def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tens
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
     return conv.forward_with(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
-
-
-def pad_zeros(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
-    """``F.pad(x, pads)`` (left, right, top, bottom zeros) that keeps ``x``'s memory format.
-
-    ``F.pad`` of a channels-last bfloat16 tensor took 7 times as long as this on the
-    CPU (a zero-filled tensor in the same layout, the input copied into its middle); in
-    the frozen stages of the ``finetune`` preset it was a sixth of the forward time.
-    """
-    left, right, top, bottom = pads
-    n, c, h, w = x.shape
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.zeros((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-    out[:, :, top : top + h, left : left + w] = x
-    return out
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
