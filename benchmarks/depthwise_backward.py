@@ -105,49 +105,52 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         h = model.frozen_features(x)
-    ours = efficientnet.depthwise_conv2d
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.embed_frozen_features(h).float().square().sum()
+        loss.backward()
 
-    def step(fast: bool):
-        def run():
-            efficientnet.depthwise_conv2d = ours if fast else (
-                lambda x, w, s, p, b=None: F.conv2d(x, w, b, s, p, 1, w.shape[0])
-            )
+    def frozen_forward() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.frozen_features(x)
+
+    pytorch_depthwise = {"depthwise_conv2d": lambda x, w, s, p, b=None: F.conv2d(x, w, b, s, p, 1, w.shape[0])}
+    separate_batchnorm = {"conv_bn": lambda conv, bn, x: bn(conv(x))}
+    _side_by_side(
+        f"A training step of the trainable part (stages {args.freeze + 1}-7 and the embedding), bfloat16",
+        "depthwise backward", "ms per step", {"pytorch": (train_step, pytorch_depthwise), "ours": (train_step, {})},
+        args,
+    )
+    _side_by_side(
+        f"The frozen stem and stages 1-{args.freeze}, forward, bfloat16",
+        "BatchNorm", "ms per batch", {"separate": (frozen_forward, separate_batchnorm), "folded": (frozen_forward, {})},
+        args,
+    )
+
+
+def _side_by_side(title: str, what: str, unit: str, variants: dict, args: argparse.Namespace) -> None:
+    """Time each (function, replaced efficientnet attributes) variant and print a table, the first as 1.00x."""
+
+    def patched(fn: Callable[[], None], replace: dict[str, object]) -> Callable[[], None]:
+        def run() -> None:
+            saved = {k: getattr(efficientnet, k) for k in replace}
+            for k, v in replace.items():
+                setattr(efficientnet, k, v)
             try:
-                model.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = model.embed_frozen_features(h).float().square().sum()
-                loss.backward()
+                fn()
             finally:
-                efficientnet.depthwise_conv2d = ours
+                for k, v in saved.items():
+                    setattr(efficientnet, k, v)
         return run
 
-    ms = _median_ms({"pytorch": step(False), "ours": step(True)}, args.rounds)
-    print(f"## A training step of the trainable part (stages {args.freeze + 1}-7 and the embedding), bfloat16\n")
-    print("| depthwise backward | ms per step | images/s | ratio |")
+    ms = _median_ms({name: patched(fn, rep) for name, (fn, rep) in variants.items()}, args.rounds)
+    base = ms[next(iter(variants))]
+    print(f"\n## {title}\n")
+    print(f"| {what} | {unit} | images/s | ratio |")
     print("|---|---|---|---|")
-    for name in ("pytorch", "ours"):
-        print(f"| {name} | {ms[name]:.0f} | {args.batch / ms[name] * 1000:.0f} | {ms['pytorch'] / ms[name]:.2f}x |")
-
-    fold = efficientnet.conv_bn
-
-    def frozen(new: bool):
-        def run():
-            if not new:
-                efficientnet.conv_bn = lambda conv, bn, x: bn(conv(x))
-            try:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    model.frozen_features(x)
-            finally:
-                efficientnet.conv_bn = fold
-        return run
-
-    ms = _median_ms({"separate": frozen(False), "folded": frozen(True)}, args.rounds)
-    print(f"\n## The frozen stem and stages 1-{args.freeze}, forward, bfloat16\n")
-    print("| BatchNorm | ms per batch | images/s | ratio |")
-    print("|---|---|---|---|")
-    for name in ("separate", "folded"):
-        print(f"| {name} | {ms[name]:.0f} | {args.batch / ms[name] * 1000:.0f} | {ms['separate'] / ms[name]:.2f}x |")
-
+    for name in variants:
+        print(f"| {name} | {ms[name]:.0f} | {args.batch / ms[name] * 1000:.0f} | {base / ms[name]:.2f}x |")
 
 if __name__ == "__main__":
     main()
