@@ -108,7 +108,7 @@ def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tens
     and of every layer at evaluation and pseudo-labelling. Gradients still reach the
     weight and the BatchNorm's affine parameters through the fold.
     """
-    if bn.training or bn.running_var is None or bn.running_mean is None:
+    if bn.training or not bn.affine or bn.running_var is None or bn.running_mean is None:
         return bn(conv(x))
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
