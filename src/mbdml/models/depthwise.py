@@ -3,7 +3,7 @@
 PyTorch's CPU kernels (oneDNN) compute the forward pass of a depthwise convolution
 quickly in any precision, but two of its gradients fall onto slow paths in bfloat16:
 the input gradient of a strided convolution and the weight gradient of a 5x5 kernel,
-30-100 ms each at batch 64 where the forward pass takes 0.4-3 ms
+30-100 ms each at batch 64 where the forward pass takes 0.4-2 ms
 (``benchmarks/depthwise_backward.py``). In
 EfficientNet-Lite0's trainable stages they made the backward pass about 8 times the
 forward pass.
