@@ -128,7 +128,7 @@ def depthwise_conv2d(
         torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in (torch.bfloat16, torch.float16)
     ) or x.dtype in (torch.bfloat16, torch.float16)
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if device_type != "cpu" or not low_precision or not (wants_grad or (bias is not None and bias.requires_grad)):
+    if device_type != "cpu" or not low_precision or not wants_grad:  # a bias-only gradient is cheap in PyTorch's
         return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
     out = _DepthwiseConv2d.apply(x, weight, stride, padding)
     return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
