@@ -310,6 +310,62 @@ def test_randaugment_changes_only_the_pseudo_labelled_images_and_is_saved(tmp_pa
     assert (saved.pseudo_augment, saved.randaugment_ops, saved.randaugment_magnitude) == ("randaugment", 3, 1.0)
 
 
+def test_online_pseudo_labels_come_each_step_from_the_current_model_and_resume_exactly(tmp_path):
+    """--pseudo_online: no labelling of the whole set at the refreshes; from pseudo_start
+    each epoch logs the share of drawn images that were confident and how many of their
+    labels are right, and a run cut after an epoch resumes to the same numbers."""
+    opts = dict(method="mbdml1_semi", max_epochs=3, update_interval=1, eval_every=1, pseudo_start=1, pseudo_threshold=0.5,
+                pseudo_online=True, deterministic=True)
+    rows = train(small(tmp_path, name="online", **opts)).history
+    assert all("pseudo_n" not in r for r in rows)  # nothing labelled at the refreshes
+    assert rows[0].get("pseudo_fraction") is None and rows[0].get("pseudo_nngk") is None  # the labelled-only warm-up
+    assert all(0 < r["pseudo_fraction"] <= 1 and 0 <= r["pseudo_label_acc"] <= 1 and r["pseudo_nngk"] > 0 for r in rows[1:])
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
+    resumed = resume(tmp_path / "cut")
+    keys = ("loss", "pseudo_fraction", "pseudo_label_acc", "val_acc", "test_acc")
+    assert [[r.get(k) for k in keys] for r in resumed.history] == [[r.get(k) for k in keys] for r in rows]
+
+
+def test_online_labelling_keeps_the_drawn_images_the_labeller_is_sure_of(tmp_path):
+    from mbdml.train import labeller_probabilities
+
+    cfg = small(tmp_path, method="mbdml1_semi", max_epochs=1, pseudo_online=True, pseudo_threshold=0.25, tta_flip=False,
+                pseudo_labeller="mean", name="sure")
+    trainer = Trainer(cfg)
+    trainer.run()
+    trainer._online_stats = {"drawn": 0, "kept": 0, "right": 0}
+    trainer.model.train()
+    rows, labels, nbrs = trainer._label_online(64)
+    assert trainer.model.training  # left in training mode for the step that follows
+    assert rows.shape == labels.shape == (64,) and nbrs.shape == (64, cfg.k)
+    k, unl = trainer.kernel, trainer.data.unlabelled
+    with torch.no_grad():
+        emb = trainer._embed(unl.images[rows])  # eval mode, un-augmented: the weak view
+        probs = labeller_probabilities("mean", k, emb, k.neighbours(emb), trainer.method.head)
+    conf, want = probs.max(1)
+    assert torch.equal(labels, want) and torch.equal(nbrs, k.neighbours(emb))
+    assert (conf >= 0.25).all()
+    stats = trainer._online_stats
+    assert stats["drawn"] == 64 and 0 < stats["kept"] <= 64
+    trainer.cfg.pseudo_threshold = 1.0  # the mean with the head's softmax never reaches 1: nothing is sure
+    assert trainer._label_online(64) is None
+
+
+def test_online_pseudo_labels_need_a_semi_supervised_method_and_no_fraction(tmp_path):
+    from mbdml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--pseudo_online.*mbdml1_semi"):
+        small(tmp_path, method="mbdml1", pseudo_online=True).validate()
+    with pytest.raises(ConfigError, match="drop one of the two"):
+        small(tmp_path, method="mbdml1_semi", pseudo_online=True, pseudo_fraction=0.5).validate()
+
+
 def test_randaugment_for_a_method_without_unlabelled_images_says_which_have_them(tmp_path):
     from mbdml.errors import ConfigError
 

@@ -159,6 +159,12 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "RandAugment and a Cutout of half the side (randaugment: FixMatch's strong view; the pseudo-labels come from the "
         "clean images)",
     )
+    g.add_argument(
+        "--pseudo_online", type=str2bool, default=S,
+        help="label the unlabelled images drawn at each step with the current model (the eval-mode embedding of the "
+        "un-augmented image, FixMatch's weak view) and train on those whose confidence reaches --pseudo_threshold, "
+        "instead of labelling every unlabelled image at the centre refreshes (default False)",
+    )
     g.add_argument("--randaugment_ops", type=int, default=S, help="with --pseudo_augment randaugment: operations per image (default 2)")
     g.add_argument(
         "--randaugment_magnitude", type=finite_float, default=S,

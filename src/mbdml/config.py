@@ -110,6 +110,10 @@ class RunConfig:
     # ones (standard), or also with RandAugment and a Cutout of half the side (randaugment: the
     # strong view of FixMatch; mbdml.data.randaugment)
     pseudo_augment: str = "standard"
+    # label the unlabelled images drawn at each step with the current model (its eval-mode
+    # embedding of the un-augmented image, FixMatch's weak view), keeping those whose
+    # confidence reaches pseudo_threshold, instead of labelling every unlabelled image at the refreshes
+    pseudo_online: bool = False
     randaugment_ops: int = 2  # operations per image
     randaugment_magnitude: float = 1.0  # each operation's magnitude is drawn in [0, this]; 1: the full range
     # self-training: a finished run on the same split labels the unlabelled images once,
@@ -186,6 +190,11 @@ class RunConfig:
             raise ConfigError(f"pseudo_threshold must be in (0, 1], got {self.pseudo_threshold}; pass --pseudo_threshold 0.9, say")
         _check_share("pseudo_fraction", self.pseudo_fraction, "leave it out to select by --pseudo_threshold")
         _check_share("teacher_fraction", self.teacher_fraction, "none to keep by --pseudo_threshold")
+        if self.pseudo_online and self.pseudo_fraction is not None:
+            raise ConfigError(
+                "--pseudo_online labels the images drawn at each step and keeps those whose confidence reaches "
+                "--pseudo_threshold; --pseudo_fraction ranks the whole unlabelled set at a refresh: drop one of the two"
+            )
         if self.pseudo_start is not None and self.pseudo_start < 0:
             raise ConfigError(f"pseudo_start must be an epoch >= 0, got {self.pseudo_start}")
         if self.alpha < 0 or not math.isfinite(self.alpha):
@@ -227,6 +236,12 @@ class RunConfig:
         from .data.randaugment import RandAugment
 
         RandAugment(num_ops=self.randaugment_ops, magnitude=self.randaugment_magnitude)  # its own checks
+        if self.pseudo_online and not method_cls.uses_unlabelled:
+            semi = [name for name, cls in METHODS.items() if cls.uses_unlabelled]
+            raise ConfigError(
+                f"--pseudo_online labels unlabelled images as they are drawn, and method {self.method} trains on none; "
+                f"use a semi-supervised method ({', '.join(semi)}) or drop --pseudo_online"
+            )
         if self.pseudo_labeller in ("head", "mean") and method_cls.uses_unlabelled and not method_cls.has_head:
             with_head = [name for name, cls in METHODS.items() if cls.uses_unlabelled and cls.has_head]
             raise ConfigError(

@@ -522,30 +522,37 @@ class Trainer:
         already labelled are read from the history, so a resumed run keeps the schedule.
         """
         cfg = self.cfg
-        if not self.method.uses_unlabelled or epoch < int(cfg.pseudo_start or 0):
+        if not self.method.uses_unlabelled or cfg.pseudo_online or epoch < int(cfg.pseudo_start or 0):
             return False
         labelled = [int(r["epoch"]) - 1 for r in self.history if "pseudo_n" in r]
         if self.pseudo is None or not labelled:
             return True
         return epoch % cfg.update_interval == 0 and epoch - labelled[-1] >= cfg.update_interval
 
-    def _pseudo_batch(self, batch_size: int) -> Any:
+    def _pseudo_batch(self, batch_size: int, epoch: int) -> Any:
         """A random batch of pseudo-labelled images, augmented like the labelled ones, and
         with RandAugment under ``--pseudo_augment randaugment`` (drawn for the global batch,
-        then this process's slice)."""
+        then this process's slice). Under ``--pseudo_online`` they are labelled here."""
         from .data.batches import augment_batch, normalize_batch
         from .data.randaugment import randaugment_batch
         from .methods import PseudoBatch
 
-        if self.pseudo is None or self.pseudo[0].numel() == 0:
-            return None
-        idx, lab, nbrs = self.pseudo
         cfg = self.cfg
-        total = batch_size * self.dist.world_size
-        pick = torch.randint(0, idx.numel(), (total,), generator=self.data_gen).to(self.device)
-        if self.dist.enabled:
-            pick = pick[self.dist.shard(total)]
-        images = self.data.unlabelled.images.index_select(0, idx[pick].cpu()).to(self.device)
+        if cfg.pseudo_online:
+            drawn = self._label_online(batch_size) if epoch >= int(cfg.pseudo_start or 0) else None
+            if drawn is None:
+                return None
+            rows, lab, nbrs = drawn
+        else:
+            if self.pseudo is None or self.pseudo[0].numel() == 0:
+                return None
+            idx, lab, nbrs = self.pseudo
+            total = batch_size * self.dist.world_size
+            pick = torch.randint(0, idx.numel(), (total,), generator=self.data_gen).to(self.device)
+            if self.dist.enabled:
+                pick = pick[self.dist.shard(total)]
+            rows, lab, nbrs = idx[pick], lab[pick], nbrs[pick]
+        images = self.data.unlabelled.images.index_select(0, rows.cpu()).to(self.device)
         aug = training_augmentation(cfg)
         if aug.active:
             images = augment_batch(images, aug, self.data_gen)
@@ -554,7 +561,58 @@ class Trainer:
         x = normalize_batch(images, cfg.mean, cfg.std)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return PseudoBatch(x, lab[pick], nbrs[pick])
+        return PseudoBatch(x, lab, nbrs)
+
+    def _label_online(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``--pseudo_online``: draw ``batch_size`` unlabelled images (this process's slice of
+        the global draw), label them with the current model and keep the confident ones.
+
+        Each image is embedded as it is (no augmentation: FixMatch's weak view) with the
+        model in eval mode, through the frozen-stage cache when it holds the unlabelled
+        set. The labeller (``--pseudo_labeller``) gives a class and a confidence; the
+        images whose confidence reaches ``--pseudo_threshold`` are kept, and the batch is
+        filled up by drawing again among them (each copy gets its own augmentation).
+        Returns (rows of the unlabelled set, labels, K nearest centres), or None when no
+        image is confident.
+        """
+        from .data.batches import normalize_batch
+
+        cfg, unl = self.cfg, self.data.unlabelled
+        if unl is None or len(unl) == 0:
+            return None
+        total = batch_size * self.dist.world_size
+        rows = torch.randint(0, len(unl), (total,), generator=self.data_gen)
+        if self.dist.enabled:
+            rows = rows[self.dist.shard(total)]
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                kept = self.frozen_cache.features(unl.images)
+                if kept is not None:
+                    emb = self.model.embed_frozen_features(kept[rows.to(kept.device)]).float()
+                else:
+                    x = normalize_batch(unl.images.index_select(0, rows).to(self.device), cfg.mean, cfg.std)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    emb = self.model(x).float()
+                nbrs = self.kernel.neighbours(emb)
+                conf, lab = self._pseudo_probabilities(emb, nbrs).max(1)
+        finally:
+            self.model.train()
+            if cfg.freeze_bn:
+                set_batchnorm_eval(self.model)
+        keep = (conf >= cfg.pseudo_threshold).nonzero().flatten()
+        rows = rows.to(self.device)
+        stats = self._online_stats
+        stats["drawn"] += rows.numel()
+        stats["kept"] += keep.numel()
+        stats["right"] += int((unl.labels.to(self.device)[rows[keep]] == lab[keep]).sum())  # a diagnostic only
+        if keep.numel() == 0:
+            return None
+        if keep.numel() < rows.numel():
+            extra = torch.randint(0, keep.numel(), (rows.numel() - keep.numel(),), generator=self.data_gen).to(keep.device)
+            keep = torch.cat([keep, keep[extra]])
+        return rows[keep], lab[keep], nbrs[keep]
 
     def evaluate_split(self, images_set: Any, retrieval: bool) -> dict[str, Any]:
         """Metrics of one split. With several processes each embeds its shard, the
@@ -580,6 +638,7 @@ class Trainer:
         if cfg.freeze_bn:
             set_batchnorm_eval(self.model)
         sums: dict[str, torch.Tensor | float] = {}
+        self._online_stats = {"drawn": 0, "kept": 0, "right": 0}
         correct = seen = 0
         steps = len(loader)
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", enabled=cfg.progress and self.dist.is_main, leave=False)
@@ -590,7 +649,7 @@ class Trainer:
                 group["lr"] = lr
             extra = {}
             if self.method.uses_unlabelled:
-                extra["pseudo"] = self._pseudo_batch(batch.images.shape[0] * cfg.pseudo_ratio)
+                extra["pseudo"] = self._pseudo_batch(batch.images.shape[0] * cfg.pseudo_ratio, epoch)
             with self._autocast():
                 out = self.step_fn(batch.images, batch.labels, batch.indices, self.mix_gen, **extra)
             if not torch.isfinite(out.loss):
@@ -607,9 +666,14 @@ class Trainer:
             if out.predictions is not None:
                 correct += (out.predictions == out.targets).sum()
                 seen += out.targets.numel()
-        totals = dist_utils.sum_scalars({k: float(v) for k, v in sums.items()} | {"_correct": float(correct), "_seen": float(seen)}, self.dist)
+        online = {f"_online_{k}": float(v) for k, v in self._online_stats.items()}
+        totals = dist_utils.sum_scalars({k: float(v) for k, v in sums.items()} | {"_correct": float(correct), "_seen": float(seen)} | online, self.dist)
         correct, seen = totals.pop("_correct"), totals.pop("_seen")
+        drawn, kept, right = (totals.pop(f"_online_{k}") for k in ("drawn", "kept", "right"))
         row: dict[str, Any] = {k: v / max(1, steps * self.dist.world_size) for k, v in totals.items()}
+        if drawn:  # --pseudo_online: the share of drawn images confident enough, and how many of their labels are right
+            row["pseudo_fraction"] = kept / drawn
+            row["pseudo_label_acc"] = right / kept if kept else None
         row["train_acc"] = correct / seen if seen else None
         row["lr"] = lr if steps else cfg.learning_rate
         return row
