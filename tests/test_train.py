@@ -173,6 +173,22 @@ def test_tensorboard_scalars_when_installed_and_nothing_lost_without(tmp_path, m
     assert (res.run_dir / "metrics.csv").is_file() and not (res.run_dir / "tensorboard").exists()
 
 
+def _columns(rows, keys):
+    return [[r.get(k) for k in keys] for r in rows]
+
+
+def _cut_after_two_and_resume(tmp_path, opts, keys):
+    """The logged ``keys`` of a run stopped after epoch 2 and then resumed to the end."""
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
+    return _columns(resume(tmp_path / "cut").history, keys)
+
+
 @pytest.mark.parametrize("pseudo_augment", ["standard", "randaugment"])
 def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tmp_path, pseudo_augment):
     opts = dict(method="mbdml_semi", max_epochs=4, update_interval=1, eval_every=1, pseudo_start=1, pseudo_threshold=0.5, tta_flip=True,
@@ -185,16 +201,8 @@ def test_semi_supervised_run_uses_confident_pseudo_labels_and_resumes_exactly(tm
     assert rows[1]["pseudo_n"] <= data.unlabelled_count == len(data.unlabelled)
     # the hidden labels never reach training: only the labelled and validation images carry them
     assert len(data.unlabelled) + len(data.train) + len(data.val) == 1347
-
-    def stop_after_two(row):
-        if row["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
-    resumed = resume(tmp_path / "cut")
     keys = ("loss", "pseudo_n", "val_acc", "test_acc")
-    assert [[r.get(k) for k in keys] for r in resumed.history] == [[r.get(k) for k in keys] for r in rows]
+    assert _cut_after_two_and_resume(tmp_path, opts, keys) == _columns(rows, keys)
 
 
 def test_centres_refreshed_in_training_only_for_methods_that_read_them(tmp_path):
@@ -320,16 +328,8 @@ def test_online_pseudo_labels_come_each_step_from_the_current_model_and_resume_e
     assert all("pseudo_n" not in r for r in rows)  # nothing labelled at the refreshes
     assert rows[0].get("pseudo_fraction") is None and rows[0].get("pseudo_nngk") is None  # the labelled-only warm-up
     assert all(0 < r["pseudo_fraction"] <= 1 and 0 <= r["pseudo_label_acc"] <= 1 and r["pseudo_nngk"] > 0 for r in rows[1:])
-
-    def stop_after_two(row):
-        if row["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
-    resumed = resume(tmp_path / "cut")
     keys = ("loss", "pseudo_fraction", "pseudo_label_acc", "val_acc", "test_acc")
-    assert [[r.get(k) for k in keys] for r in resumed.history] == [[r.get(k) for k in keys] for r in rows]
+    assert _cut_after_two_and_resume(tmp_path, opts, keys) == _columns(rows, keys)
 
 
 def test_online_labelling_keeps_the_drawn_images_the_labeller_is_sure_of(tmp_path):
