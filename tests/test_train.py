@@ -278,8 +278,8 @@ def test_pseudo_ratio_draws_that_many_pseudo_labelled_images_per_labelled_one(tm
     drawn = []
     original = Trainer._pseudo_batch
 
-    def recording(self, batch_size):
-        pb = original(self, batch_size)
+    def recording(self, batch_size, epoch):
+        pb = original(self, batch_size, epoch)
         drawn.append((batch_size, None if pb is None else pb.images.shape[0]))
         return pb
 
@@ -298,8 +298,8 @@ def test_randaugment_changes_only_the_pseudo_labelled_images_and_is_saved(tmp_pa
     drawn = {}
     original = Trainer._pseudo_batch
 
-    def recording(self, batch_size):
-        pb = original(self, batch_size)
+    def recording(self, batch_size, epoch):
+        pb = original(self, batch_size, epoch)
         if pb is not None:
             drawn.setdefault(self.cfg.pseudo_augment, []).append(pb.images.clone())
         return pb
