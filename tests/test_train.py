@@ -333,26 +333,34 @@ def test_online_pseudo_labels_come_each_step_from_the_current_model_and_resume_e
 
 
 def test_online_labelling_keeps_the_drawn_images_the_labeller_is_sure_of(tmp_path):
+    """Exactly the drawn images whose confidence (the labeller on their un-augmented,
+    eval-mode embedding) reaches the threshold are kept, with that labeller's class and
+    neighbour lists; the batch is filled up with copies of them."""
     from mbdml.train import labeller_probabilities
 
-    cfg = small(tmp_path, method="mbdml1_semi", max_epochs=1, pseudo_online=True, pseudo_threshold=0.25, tta_flip=False,
-                pseudo_labeller="mean", name="sure")
+    cfg = small(tmp_path, method="mbdml1_semi", max_epochs=1, pseudo_online=True, tta_flip=False, pseudo_labeller="mean", name="sure")
     trainer = Trainer(cfg)
     trainer.run()
+    k, unl = trainer.kernel, trainer.data.unlabelled
+    state = trainer.data_gen.get_state()
+    drawn = torch.randint(0, len(unl), (64,), generator=trainer.data_gen)  # the draw _label_online makes next
+    with torch.no_grad():
+        emb = trainer._embed(unl.images[drawn])  # eval mode, un-augmented: the weak view
+        conf, want = labeller_probabilities("mean", k, emb, k.neighbours(emb), trainer.method.head).max(1)
+    trainer.cfg.pseudo_threshold = float(conf.median())  # about half of them are sure
+    sure = conf >= trainer.cfg.pseudo_threshold
+    assert 0 < int(sure.sum()) < 64
+    trainer.data_gen.set_state(state)
     trainer._online_stats = {"drawn": 0, "kept": 0, "right": 0}
     trainer.model.train()
     rows, labels, nbrs = trainer._label_online(64)
     assert trainer.model.training  # left in training mode for the step that follows
     assert rows.shape == labels.shape == (64,) and nbrs.shape == (64, cfg.k)
-    k, unl = trainer.kernel, trainer.data.unlabelled
-    with torch.no_grad():
-        emb = trainer._embed(unl.images[rows])  # eval mode, un-augmented: the weak view
-        probs = labeller_probabilities("mean", k, emb, k.neighbours(emb), trainer.method.head)
-    conf, want = probs.max(1)
-    assert torch.equal(labels, want) and torch.equal(nbrs, k.neighbours(emb))
-    assert (conf >= 0.25).all()
-    stats = trainer._online_stats
-    assert stats["drawn"] == 64 and 0 < stats["kept"] <= 64
+    assert torch.equal(rows[: int(sure.sum())], drawn[sure])  # the sure ones, then copies of them
+    assert set(rows.tolist()) == set(drawn[sure].tolist())
+    by_row = {int(r): (int(y), n) for r, y, n in zip(drawn, want, k.neighbours(emb))}
+    assert all(int(y) == by_row[int(r)][0] and torch.equal(n, by_row[int(r)][1]) for r, y, n in zip(rows, labels, nbrs))
+    assert trainer._online_stats["drawn"] == 64 and trainer._online_stats["kept"] == int(sure.sum())
     trainer.cfg.pseudo_threshold = 1.0  # the mean with the head's softmax never reaches 1: nothing is sure
     assert trainer._label_online(64) is None
 
