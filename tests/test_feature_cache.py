@@ -95,3 +95,33 @@ def test_feature_batches_cover_the_set_in_order():
     assert [b.shape[0] for b in batches] == [16, 16, 16, 2]
     with torch.no_grad():
         assert torch.allclose(torch.cat(batches), model.frozen_features((images.float() / 255 - 0.5) / 0.5), atol=1e-5)
+
+
+def test_put_keeps_given_features_within_the_budget_and_peek_never_computes():
+    model, images = _model(), _images(20)
+    cache = FrozenFeatureCache(model, max_bytes=2**30, batch_size=16)
+    calls = _counting(model)
+    assert cache.peek(images) is None and calls == []  # nothing kept, nothing computed
+    with torch.no_grad():
+        given = torch.randn(20, 4, 8, 8)
+    assert cache.put(images, given, flipped=given.flip(3))
+    assert cache.features(images) is given and torch.equal(cache.peek(images, flipped=True), given.flip(3))
+    assert calls == [] and cache.used_bytes == 2 * given.numel() * 4
+    assert cache.put(images, given[:5]) is False  # rows that are not these images
+    small = FrozenFeatureCache(model, max_bytes=given.numel() * 4 - 1, batch_size=16)
+    assert small.put(images, given) is False and small.used_bytes == 0 and small.peek(images) is None
+    assert FrozenFeatureCache(model, max_bytes=0).put(images, given) is False  # the cache is off
+
+
+def test_same_frozen_stages_compares_weights_and_statistics_of_the_frozen_part_only():
+    from mbdml.feature_cache import same_frozen_stages
+
+    a, b = _model(), _model()
+    assert same_frozen_stages(a, b)
+    with torch.no_grad():
+        a.head.weight.add_(1.0)  # a trainable layer: the frozen features stay the same
+    assert same_frozen_stages(a, b)
+    bn = next(m for group in a._frozen for m in group.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.add_(0.1)  # a frozen statistic: not the same features any more
+    assert not same_frozen_stages(a, b)
+    assert not same_frozen_stages(_model(1), _model(2))

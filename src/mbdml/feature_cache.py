@@ -16,7 +16,26 @@ import torch
 from .data.batches import normalized_batches
 from .models.embedding import EmbeddingNet
 
-__all__ = ["FrozenFeatureCache"]
+__all__ = ["FrozenFeatureCache", "same_frozen_stages"]
+
+
+@torch.no_grad()
+def same_frozen_stages(a: EmbeddingNet, b: EmbeddingNet) -> bool:
+    """Whether two models' frozen stems and stages compute the same function: the same
+    number of frozen stages and equal weights and BatchNorm statistics in them (both
+    start from the same pretrained weights, which freezing keeps). Then the frozen
+    features one has computed are the other's too."""
+    if a.frozen_stages != b.frozen_stages or a.frozen_stages == 0 or len(a._frozen) != len(b._frozen):
+        return False
+    for ma, mb in zip(a._frozen, b._frozen):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        if sa.keys() != sb.keys():
+            return False
+        for key, value in sa.items():
+            other = sb[key]
+            if value.shape != other.shape or not torch.equal(value.cpu(), other.cpu()):
+                return False
+    return True
 
 
 @dataclass
@@ -120,6 +139,32 @@ class FrozenFeatureCache:
         else:
             entry.plain = out
         return out
+
+    def peek(self, images: torch.Tensor, flipped: bool = False) -> torch.Tensor | None:
+        """The kept features of ``images`` (or of their mirror images), without computing them."""
+        if self.model.frozen_stages != self._frozen_stages:
+            return None
+        entry = self._entries.get(self._key(images))
+        return None if entry is None else (entry.flipped if flipped else entry.plain)
+
+    def put(self, images: torch.Tensor, plain: torch.Tensor, flipped: torch.Tensor | None = None) -> bool:
+        """Keep features computed elsewhere for ``images`` (by a model with the same frozen
+        stages, see :func:`same_frozen_stages`); False, keeping nothing, when they do not
+        fit in ``max_bytes`` or do not match the images."""
+        if not self.enabled or plain.shape[0] != images.shape[0] or (flipped is not None and flipped.shape != plain.shape):
+            return False
+        if self.model.frozen_stages != self._frozen_stages:
+            self.clear()
+        key = self._key(images)
+        old = self._entries.get(key)
+        freed = sum(t.element_size() * t.numel() for t in (old.plain, old.flipped) if t is not None) if old else 0
+        need = sum(t.element_size() * t.numel() for t in (plain, flipped) if t is not None)
+        if self.used_bytes - freed + need > self.max_bytes:
+            return False
+        self._entries[key] = _Entry(images, plain, flipped)
+        self._refused.discard(key)
+        self.used_bytes += need - freed
+        return True
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, *, flip_average: bool = False) -> torch.Tensor | None:
