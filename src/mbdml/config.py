@@ -120,6 +120,9 @@ class RunConfig:
     # before training; its surest pseudo-labels join the labelled images (mbdml.self_training)
     teacher: str | None = None
     teacher_fraction: float | None = 0.8  # kept by rank, balanced per class; None: by pseudo_threshold
+    # self-training in one run: the method first trains this many epochs on the labelled images
+    # alone (the teacher, in the run folder's teacher/), labels, then the student trains for max_epochs
+    teacher_epochs: int | None = None
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -227,6 +230,18 @@ class RunConfig:
                 f"--teacher labels the unlabelled images once, before training, and method {self.method} labels them "
                 "itself as it trains: use one of the two (with --teacher, a supervised method such as mixup or mbdml1)"
             )
+        if self.teacher_epochs is not None:
+            if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 1:
+                raise ConfigError(f"teacher_epochs must be a whole number >= 1 (the teacher stage's epochs), got {self.teacher_epochs!r}")
+            if self.teacher is not None:
+                raise ConfigError(
+                    "--teacher names a finished teacher and --teacher_epochs trains one in this run: drop one of the two"
+                )
+            if method_cls.uses_unlabelled:
+                raise ConfigError(
+                    f"--teacher_epochs trains a teacher that labels the unlabelled images once, and method {self.method} labels "
+                    "them itself as it trains: use a supervised method such as mbdml1 or mixup, or drop --teacher_epochs"
+                )
         if self.pseudo_augment != "standard" and not method_cls.uses_unlabelled:
             semi = [name for name, cls in METHODS.items() if cls.uses_unlabelled]
             raise ConfigError(

@@ -73,6 +73,8 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
                     cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
                 if method in METHODS and not METHODS[method].uses_unlabelled:
                     cfg = dataclasses.replace(cfg, pseudo_augment="standard")
+                elif method in METHODS:  # they label the unlabelled images themselves
+                    cfg = dataclasses.replace(cfg, teacher_epochs=None)
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
                 jobs.append(Job(dataset, method, run, cfg.resolved(), run_dir))
     return jobs

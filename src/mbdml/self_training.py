@@ -10,6 +10,14 @@ kept image is then an ordinary training image of any method, seen once per epoch
 the labelled ones. The images are kept by rank, balanced per class
 (``--teacher_fraction``), or by ``--pseudo_threshold``.
 
+With ``--teacher_epochs N`` both stages are one run: the method first trains N epochs on
+the labelled images alone (the teacher, a run of its own in the run folder's
+``teacher/``), labels, and the student then trains for ``--max_epochs``. The teacher's
+frozen-stage features of the images it embedded (the unlabelled ones for the labelling,
+the labelled, validation and test ones for its refreshes and evaluation) are handed to
+the student, whose frozen stages are the same pretrained ones: with ``--freeze_stages``
+the student does not compute them again.
+
 The teacher must have been trained on the same labelled split (data set, labelled
 fraction, seed, split, fold, validation fraction) and image size: its centres are
 checked against the student's labelled images. The validation and test images are
@@ -20,6 +28,7 @@ only the logged accuracy of the pseudo-labels.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from .config import RunConfig
 from .distributed import SINGLE, DistContext, all_gather_rows
 from .errors import CheckpointError, ConfigError
 from .evaluate import compute_embeddings
+from .feature_cache import FrozenFeatureCache, same_frozen_stages
 from .precision import resolve_amp
 
 log = logging.getLogger("mbdml")
@@ -40,6 +50,7 @@ log = logging.getLogger("mbdml")
 SPLIT_FIELDS = ("dataset", "test_dir", "labelled_fraction", "seed", "split", "run", "val_fraction", "input_size")
 
 LABELS_FILE = "teacher_labels.pt"
+TEACHER_DIR = "teacher"  # the teacher stage's run folder inside a --teacher_epochs run
 
 
 @dataclass
@@ -104,20 +115,38 @@ def select_pseudo_labels(confidence: torch.Tensor, labels: torch.Tensor, num_cla
     return select_by_rank(confidence, labels, num_classes, fraction)
 
 
-@torch.no_grad()
-def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
-    """Label ``data.unlabelled`` with the teacher run ``cfg.teacher`` (its final model).
+@dataclass
+class Teacher:
+    """A trained model ready to label: its network, its kernel classifier (centres set
+    on its labelled images), its mixup head if any, and a cache of its frozen-stage
+    features (shared with the student when their frozen stages are the same)."""
 
-    The teacher's centres are its labelled training images as embedded at the end of
-    its run; they must be the student's labelled images (same count and labels, in
+    name: str
+    config: RunConfig
+    model: Any
+    kernel: Any
+    head: Any = None
+    cache: FrozenFeatureCache | None = None
+    summary: dict[str, Any] | None = None
+
+
+def _teacher_cache(teacher_cfg: RunConfig, student_cfg: RunConfig, model: Any, device: torch.device) -> FrozenFeatureCache:
+    return FrozenFeatureCache(
+        model, max_bytes=int(student_cfg.frozen_cache_gb * 2**30), batch_size=max(256, teacher_cfg.batch_size), device=device,
+        mean=teacher_cfg.mean, std=teacher_cfg.std, channels_last=teacher_cfg.channels_last,
+    )
+
+
+def load_teacher(cfg: RunConfig, data: Any, device: torch.device) -> Teacher:
+    """Read the finished run ``cfg.teacher`` back (its final model) and check that it was
+    trained on the student's labelled split.
+
+    Its centres must be the student's labelled images (same count and labels, in
     order), which catches a teacher trained on another split even when its
-    configuration file was edited. With several processes (``dist``) each embeds and
-    labels its shard of the unlabelled images and the results are gathered, so every
-    process keeps the same images.
+    configuration file was edited.
     """
-    from .train import labeller_probabilities, load_run
+    from .train import load_run
 
-    t0 = time.perf_counter()
     teacher_dir = Path(str(cfg.teacher))
     if not (teacher_dir / "last.pt").is_file():
         raise ConfigError(
@@ -140,26 +169,87 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
         )
     if int(kernel.num_classes) != len(data.classes):
         raise ConfigError(f"the teacher {teacher_dir} has {int(kernel.num_classes)} classes and the data {len(data.classes)}")
+    model = teacher.model
+    if teacher.config.channels_last:  # as it trained: the same kernels, so the same features as a student's
+        model = model.to(memory_format=torch.channels_last)
+    return Teacher(str(teacher_dir), teacher.config, model, kernel, getattr(teacher.method, "head", None),
+                   _teacher_cache(teacher.config, cfg, model, device))
+
+
+def teacher_config(cfg: RunConfig) -> RunConfig:
+    """The configuration of the teacher stage of a one-run self-training (``--teacher_epochs``):
+    the student's, trained ``teacher_epochs`` epochs on the labelled images alone,
+    evaluated at its end."""
+    n = int(cfg.teacher_epochs)
+    return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, name="teacher", tsne_graph=False)
+
+
+def train_teacher(cfg: RunConfig, data: Any, run_dir: Path) -> Teacher:
+    """The teacher stage of ``--teacher_epochs``: train the method on the labelled images
+    in ``run_dir/teacher`` (a run of its own, resumed after an interruption, read back
+    once finished) and return it, ready to label."""
+    from .train import Trainer, resolve_device
+
+    tcfg = teacher_config(cfg)
+    tdir = run_dir / TEACHER_DIR
+    summary_path = tdir / "summary.json"
+    if summary_path.is_file() and (tdir / "last.pt").is_file():
+        log.info("the teacher in %s has finished; it labels the unlabelled images", tdir)
+        loaded = load_teacher(dataclasses.replace(cfg, teacher=str(tdir)), data, resolve_device(cfg.device))
+        loaded.summary = json.loads(summary_path.read_text())
+        return loaded
+    resume = (tdir / "last.pt").is_file()
+    log.info("%s the teacher: %s for %d epochs on the %d labelled images, in %s",
+             "resuming" if resume else "training", cfg.method, tcfg.max_epochs, len(data.train), tdir)
+    trainer = Trainer(tcfg, data=data, run_dir=tdir, resume=resume)
+    result = trainer.run()
+    trainer.model.eval()
+    trainer.method.eval()
+    return Teacher(str(tdir), trainer.cfg, trainer.model, trainer.kernel, getattr(trainer.method, "head", None),
+                   trainer.frozen_cache, result.summary)
+
+
+@torch.no_grad()
+def label_unlabelled(teacher: Teacher, cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
+    """Label ``data.unlabelled`` with ``teacher`` by ``cfg.pseudo_labeller`` and keep the
+    surest (``--teacher_fraction``, or ``--pseudo_threshold``).
+
+    With several processes (``dist``) each embeds and labels its shard of the unlabelled
+    images and the results are gathered, so every process keeps the same images. With
+    one process and frozen stages, the images go through the teacher's frozen-stage
+    cache, where the student can pick their features up (:func:`student_features`).
+    """
+    from .train import labeller_probabilities
+
+    t0 = time.perf_counter()
     unl = data.unlabelled
     if unl is None or len(unl) == 0:
-        raise ConfigError("--teacher needs unlabelled images to label; with --labelled_fraction 1 every image is labelled already")
-    tcfg = teacher.config
-    head = getattr(teacher.method, "head", None)
+        raise ConfigError("self-training needs unlabelled images to label; with --labelled_fraction 1 every image is labelled already")
+    tcfg, kernel, head = teacher.config, teacher.kernel, teacher.head
     if cfg.pseudo_labeller in ("head", "mean") and head is None:
         raise ConfigError(
             f"--pseudo_labeller {cfg.pseudo_labeller} reads the teacher's mixup head, and the teacher ({tcfg.method}) has none; "
             "use --pseudo_labeller kernel or kernel_all"
         )
+    teacher.model.eval()
     # the student's precision (--amp, for this machine), whatever the teacher trained in
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device, warn=False) == "bf16")
-    conf_all, lab_all = [], []
-    part = dist.shard(len(unl))
-    for start in range(part.start, part.stop, block):
+    kept_emb = None
+    if teacher.cache is not None and not dist.enabled:
         with autocast:
-            emb = compute_embeddings(
-                teacher.model, unl.images[start : min(start + block, part.stop)], batch_size=max(256, tcfg.batch_size), device=device,
-                mean=tcfg.mean, std=tcfg.std, channels_last=tcfg.channels_last, flip_average=tcfg.tta_flip,
-            )
+            kept_emb = teacher.cache.embed(unl.images, flip_average=tcfg.tta_flip)
+    conf_all, lab_all = [], []
+    part = dist.shard(len(unl)) if kept_emb is None else range(len(unl))
+    for start in range(part.start, part.stop, block):
+        stop = min(start + block, part.stop)
+        if kept_emb is not None:
+            emb = kept_emb[start:stop]
+        else:
+            with autocast:
+                emb = compute_embeddings(
+                    teacher.model, unl.images[start:stop], batch_size=max(256, tcfg.batch_size), device=device,
+                    mean=tcfg.mean, std=tcfg.std, channels_last=tcfg.channels_last, flip_average=tcfg.tta_flip,
+                )
         probs = labeller_probabilities(cfg.pseudo_labeller, kernel, emb, kernel.neighbours(emb), head)
         conf, lab = probs.max(1)
         conf_all.append(conf.cpu())
@@ -168,7 +258,62 @@ def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: i
     lab = all_gather_rows(torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long), dist)
     keep = select_pseudo_labels(conf, lab, len(data.classes), cfg.teacher_fraction, cfg.pseudo_threshold)
     idx = keep.nonzero().reshape(-1)
-    return TeacherLabels(idx, lab[idx], conf[idx], len(unl), str(teacher_dir), time.perf_counter() - t0)
+    return TeacherLabels(idx, lab[idx], conf[idx], len(unl), teacher.name, time.perf_counter() - t0)
+
+
+def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
+    """Label ``data.unlabelled`` with the finished run ``cfg.teacher`` (its final model)."""
+    return label_unlabelled(load_teacher(cfg, data, device), cfg, data, device, block=block, dist=dist)
+
+
+@dataclass
+class SharedFeatures:
+    """Frozen-stage features the teacher computed, for the student's cache: per image
+    tensor of the student's data, the features of the images and of their mirror images."""
+
+    teacher_model: Any
+    teacher_config: RunConfig
+    entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+    def give_to(self, cache: FrozenFeatureCache, student_cfg: RunConfig) -> int:
+        """Put the features into the student's ``cache`` when its model's frozen stages are
+        the teacher's, on the same normalised input; returns how many image sets were kept."""
+        t = self.teacher_config
+        if not (cache.enabled and (t.mean, t.std, t.input_size, t.amp) == (student_cfg.mean, student_cfg.std, student_cfg.input_size, student_cfg.amp)
+                and same_frozen_stages(self.teacher_model, cache.model)):
+            return 0
+        return sum(cache.put(images, plain, flipped) for images, plain, flipped in self.entries)
+
+
+def student_features(teacher: Teacher, data: Any, student_data: Any, labels: TeacherLabels) -> SharedFeatures | None:
+    """The teacher's kept frozen features of the student's training images (the labelled
+    ones and the kept unlabelled ones, in the student's order) and of the validation and
+    test images, so that the student does not compute them again; None when the teacher
+    kept none of the unlabelled images' features."""
+    cache = teacher.cache
+    if cache is None or not cache.enabled:
+        return None
+    flip = teacher.config.tta_flip
+    unl = data.unlabelled.images
+    unl_plain, unl_flipped = cache.peek(unl), cache.peek(unl, flipped=True) if flip else None
+    if unl_plain is None or (flip and unl_flipped is None):
+        return None
+    entries = []
+    with torch.no_grad(), torch.autocast(device_type=cache.device.type, dtype=unl_plain.dtype, enabled=unl_plain.dtype == torch.bfloat16):
+        lab_plain = cache.features(data.train.images)
+        lab_flipped = cache.features(data.train.images, flipped=True) if flip else None
+    if lab_plain is not None and (lab_flipped is not None or not flip):
+        idx = labels.indices.to(unl_plain.device)
+        plain = torch.cat([lab_plain, unl_plain[idx]])
+        flipped = torch.cat([lab_flipped, unl_flipped[idx]]) if flip else None
+        entries.append((student_data.train.images, plain, flipped))
+    for images in (data.val.images, data.test.images):
+        plain = cache.peek(images)
+        flipped = cache.peek(images, flipped=True) if flip else None
+        if plain is not None and (flipped is not None or not flip):
+            entries.append((images, plain, flipped))
+    cache.clear()  # the teacher's copies; the student keeps what it needs
+    return SharedFeatures(teacher.model, teacher.config, entries) if entries else None
 
 
 def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:
@@ -189,22 +334,43 @@ def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:
     return dataclasses.replace(data, train=train, unlabelled=unl.subset(rest), unlabelled_count=int(rest.sum()))
 
 
-def apply_teacher(cfg: RunConfig, data: Any, device: torch.device, run_dir: Path, reuse: bool = False, dist: DistContext = SINGLE) -> tuple[Any, dict[str, Any]]:
-    """Label with the teacher and return the student's data and the labelling's
-    statistics. The labels are saved in the run folder (by the main process); a
-    resumed run (``reuse``) reads them back instead of labelling again."""
+def apply_teacher(
+    cfg: RunConfig, data: Any, device: torch.device, run_dir: Path, reuse: bool = False, dist: DistContext = SINGLE,
+) -> tuple[Any, dict[str, Any], SharedFeatures | None]:
+    """Label with the teacher (``--teacher``, or the teacher stage of ``--teacher_epochs``,
+    trained here first) and return the student's data, the labelling's statistics, and
+    the frozen features the student can take over. The labels are saved in the run
+    folder (by the main process); a resumed run (``reuse``) reads them back instead of
+    labelling again."""
     path = run_dir / LABELS_FILE
+    shared = None
+    teacher_summary = None
+    if cfg.teacher_epochs is not None:
+        summary_path = run_dir / TEACHER_DIR / "summary.json"
+        if reuse and path.is_file() and summary_path.is_file():
+            teacher_summary = json.loads(summary_path.read_text())
     if reuse and path.is_file():
         labels = TeacherLabels.load(path)
+        student_data = with_teacher_labels(data, labels)
     else:
-        labels = label_with_teacher(cfg, data, device, dist=dist)
+        teacher = train_teacher(cfg, data, run_dir) if cfg.teacher_epochs is not None else load_teacher(cfg, data, device)
+        teacher_summary = teacher.summary
+        labels = label_unlabelled(teacher, cfg, data, device, dist=dist)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             labels.save(path)
+        student_data = with_teacher_labels(data, labels)
+        shared = student_features(teacher, data, student_data, labels)
+        del teacher
     stats = labels.stats(data.unlabelled.labels)
+    if teacher_summary is not None:
+        final = teacher_summary.get("final", {})
+        per_epoch = teacher_summary.get("train_seconds_per_epoch") or 0.0
+        stats.update(teacher_epochs=teacher_summary.get("epochs"), teacher_train_s=per_epoch * (teacher_summary.get("epochs") or 0),
+                     teacher_val_acc=final.get("val_acc"), teacher_test_acc=final.get("nngk_acc"))
     log.info(
         "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
         labels.teacher, stats["teacher_n"], labels.unlabelled_count, 100 * stats["teacher_fraction_kept"],
         "?" if stats["teacher_label_acc"] is None else f"{100 * stats['teacher_label_acc']:.2f}%", labels.seconds,
     )
-    return with_teacher_labels(data, labels), stats
+    return student_data, stats, shared

@@ -762,6 +762,11 @@ class Trainer:
         self.run_dir = Path(dist_utils.broadcast_object(str(self.run_dir), self.dist))
         if self.cfg.centre_momentum is not None:
             raise ConfigError("--centre_momentum (a memory bank of centres) is not supported with several processes yet; drop it, or train with one process")
+        if self.cfg.teacher_epochs is not None:
+            raise ConfigError(
+                "--teacher_epochs (the teacher trained in the same run) is not supported with several processes yet: train "
+                "the teacher as a run of its own, then the student with --teacher FOLDER"
+            )
         if self.cfg.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm); on CPUs each process keeps its own BatchNorm batch statistics")
@@ -774,13 +779,19 @@ class Trainer:
         t_start = time.perf_counter()
         if self.data is None:
             self.data = prepare_data(cfg)
+        self.cfg = cfg = cfg.with_data(self.data.train.channels, min(self.data.train.image_size))
         self.teacher_stats: dict[str, Any] = {}
-        if cfg.teacher is not None:
+        shared = None
+        # With --teacher_epochs the run folder holds the teacher stage too: an interrupted
+        # run resumes in it, before the student has a checkpoint of its own.
+        student_started = (self.run_dir / "last.pt").is_file()
+        if cfg.teacher is not None or cfg.teacher_epochs is not None:
             from .self_training import apply_teacher
 
-            self.data, self.teacher_stats = apply_teacher(cfg, self.data, self.device, self.run_dir, reuse=self.resume, dist=self.dist)
+            if cfg.teacher_epochs is not None and not self.resume and self.dist.is_main:
+                cfg.save(self.run_dir / "config.json")
+            self.data, self.teacher_stats, shared = apply_teacher(cfg, self.data, self.device, self.run_dir, reuse=self.resume, dist=self.dist)
         data = self.data
-        self.cfg = cfg = cfg.with_data(data.train.channels, min(data.train.image_size))
         n_centres = len(data.train)
         if cfg.k >= n_centres:
             log.warning(
@@ -797,7 +808,11 @@ class Trainer:
         self.allocator = keep_freed_memory() if cfg.keep_freed_memory else "left as it is (--keep_freed_memory false)"
         log.debug("memory allocator: %s", self.allocator)
         self._build()
-        if self.resume:
+        if shared is not None:
+            kept = shared.give_to(self.frozen_cache, cfg)
+            log.info("the student takes over the teacher's frozen-stage features of %d image sets", kept)
+            del shared
+        if self.resume and student_started:
             start_epoch, best, centres_fresh = self._restore()
             log.info("resuming %s after epoch %d", self.run_dir, start_epoch)
         else:
@@ -1009,7 +1024,8 @@ def resume(run_dir: str | Path, **kwargs: Any) -> RunResult:
     if not run_dir.is_dir():
         raise CheckpointError(f"no run folder at {run_dir}; pass the folder printed when the run started")
     cfg = RunConfig.load(run_dir / "config.json")
-    if not (run_dir / "last.pt").is_file():
+    teacher_stage = cfg.teacher_epochs is not None and (run_dir / "teacher" / "last.pt").is_file()
+    if not (run_dir / "last.pt").is_file() and not teacher_stage:
         raise CheckpointError(f"{run_dir} has no last.pt: the run stopped before its first epoch ended; start it again without --resume")
     return Trainer(cfg, run_dir=run_dir, resume=True, **kwargs).run()
 
