@@ -15,6 +15,11 @@ JSON file.
     # self-training: each seed's MbDML1 run labels that seed's unlabelled images for a Mixup student
     python benchmarks/methods_cifar10.py --methods mixup --seeds 0,1,2 --epochs 5 --save_dir runs/student \
         --set preset=finetune amp=auto teacher=runs/teacher/mbdml1-seed{seed} pseudo_labeller=kernel_all
+    # the same in one run per seed: MbDML1 trains 30 epochs as the teacher, labels, then 4 as the student
+    # (the training time counts both stages and the labelling)
+    python benchmarks/methods_cifar10.py --methods mbdml1 --seeds 0,1,2 --epochs 4 --eval_every 4 \
+        --set preset=finetune amp=auto input_size=160 freeze_stages=4 frozen_cache_gb=10 update_interval=2 \
+        teacher_epochs=30 teacher_fraction=0.8 pseudo_labeller=kernel_all
 
 The figures depend on the machine's load: run nothing else beside it.
 """
