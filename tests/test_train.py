@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mbdml.config import make_config
-from mbdml.errors import DataError, TrainingError
+from mbdml.errors import ConfigError, DataError, TrainingError
 from mbdml.train import Trainer, load_run, prepare_data, resume, select_by_rank, train
 
 
@@ -463,3 +463,34 @@ def test_labeller_probabilities_without_a_head_says_so():
         labeller_probabilities("mean", kernel, f, kernel.neighbours(f))
     with pytest.raises(ConfigError, match="pseudo_labeller 'softmax' is not known; choose one of: kernel, kernel_all, head, mean"):
         labeller_probabilities("softmax", kernel, f, kernel.neighbours(f), head=torch.nn.Linear(4, 2))
+
+
+def test_batchnorm_is_recalibrated_on_the_chosen_subset_of_training_images(tmp_path):
+    from mbdml.data.batches import normalized_batches
+    from mbdml.models import recalibrate_batchnorm
+    from mbdml.train import recalibration_rows
+
+    cfg = small(tmp_path, method="mbdml1", recalibrate_bn_images=40, name="sub").resolved()
+    trainer = Trainer(cfg)
+    trainer.data = prepare_data(trainer.cfg)
+    trainer.cfg = trainer.cfg.with_data(trainer.data.train.channels, min(trainer.data.train.image_size))
+    trainer._build()
+    images = trainer.data.train.images
+    rows = recalibration_rows(len(images), 40, cfg.seed)
+    # a fixed subset: 40 distinct rows, the same at every call, another for another seed
+    assert rows.numel() == 40 and rows.unique().numel() == 40 and torch.equal(rows, recalibration_rows(len(images), 40, cfg.seed))
+    assert not torch.equal(rows, recalibration_rows(len(images), 40, cfg.seed + 1))
+    assert recalibration_rows(len(images), len(images), 0) is None and recalibration_rows(len(images), None, 0) is None
+    trainer._recalibrate_bn()
+    got = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}
+    reference = __import__("copy").deepcopy(trainer.model)
+    batches = normalized_batches(images[rows], max(256, cfg.batch_size), mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last)
+    recalibrate_batchnorm(reference, batches)
+    want = {k: v for k, v in reference.state_dict().items() if "running" in k}
+    assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
+    # the whole set gives other statistics
+    all_rows = __import__("copy").deepcopy(trainer.model)
+    recalibrate_batchnorm(all_rows, normalized_batches(images, 256, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last))
+    assert any(not torch.allclose(all_rows.state_dict()[k], got[k]) for k in got if "running_mean" in k)
+    with pytest.raises(ConfigError, match="recalibrate_bn_images must be a whole number >= 1"):
+        small(tmp_path, recalibrate_bn_images=0).resolved()

@@ -111,6 +111,9 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g.add_argument("--frozen_cache_gb", type=finite_float, default=S, help="with --freeze_stages: GiB for keeping the frozen stages' outputs of un-augmented images, so refreshes, evaluations and pseudo-labelling run only the trainable part (default 4; 0 turns it off)")
     g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
     g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
+    g.add_argument("--recalibrate_bn_images", type=optional_int, default=S,
+                   help="re-estimate them on at most this many training images, a fixed random subset drawn from the seed "
+                   "(default none: all; e.g. 10000 when self-training adds tens of thousands of images)")
     g.add_argument("--amp", choices=AMP_CHOICES, default=S, help="bfloat16 autocast for the network: about 2x faster on CPUs with AVX512-BF16 or AMX and on recent GPUs, about 11x slower on AVX2-only CPUs; auto uses it only where it is native (default none)")
     g.add_argument("--compile", type=str2bool, default=S, help="torch.compile the training forward pass (default False)")
     g.add_argument("--channels_last", type=str2bool, default=S, help="channels-last memory format (faster on CPUs)")

@@ -74,6 +74,9 @@ class RunConfig:
     freeze_stages: int = 0  # keep the stem and this many early stages of a pretrained trunk fixed
     frozen_cache_gb: float = 4.0  # memory for the frozen stages' outputs of un-augmented images (0: recompute them)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics before each centre refresh
+    # re-estimate them on at most this many training images, a fixed random subset drawn from the
+    # seed (None: all of them); with self-training's tens of thousands of images a subset costs less
+    recalibrate_bn_images: int | None = None
     channels_last: bool = True
     amp: str = "none"  # none | bf16 | auto: bfloat16 autocast for the network (about 2x faster on CPUs with AVX512-BF16 or AMX, much slower without); auto: bf16 where native
     compile: bool = False  # torch.compile the training forward pass
@@ -210,6 +213,11 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a whole number >= 1, got {v!r}")
+        if self.recalibrate_bn_images is not None and (
+                isinstance(self.recalibrate_bn_images, bool) or not isinstance(self.recalibrate_bn_images, int) or self.recalibrate_bn_images < 1):
+            raise ConfigError(
+                f"recalibrate_bn_images must be a whole number >= 1 (or none for every training image), got {self.recalibrate_bn_images!r}"
+            )
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
         if not 0 < self.labelled_fraction <= 1:

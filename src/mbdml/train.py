@@ -197,6 +197,16 @@ def labeller_probabilities(
     return soft if labeller == "head" else 0.5 * (kernel.log_probs(embeddings, neighbours).exp() + soft)
 
 
+def recalibration_rows(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """The training images whose BatchNorm statistics are re-estimated: all (None) when
+    ``limit`` is None or not below ``n``, else a fixed random subset of ``limit`` rows,
+    ascending, drawn from ``seed`` (the same at every refresh and after a resume)."""
+    if limit is None or limit >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed + 7919)
+    return torch.randperm(n, generator=gen)[:limit].sort().values
+
+
 def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -427,13 +437,19 @@ class Trainer:
         from .data.batches import normalized_batches
 
         cfg, images = self.cfg, self.data.train.images
+        rows = recalibration_rows(len(images), cfg.recalibrate_bn_images, cfg.seed)
+        size = max(256, cfg.batch_size)
         with self._autocast():
-            kept = self.frozen_cache.feature_batches(images)
+            kept = self.frozen_cache.features(images)
             if kept is not None:
-                recalibrate_batchnorm(self.model, kept, forward=self.model.embed_frozen_features)
+                if rows is not None:
+                    kept = kept[rows.to(kept.device)]
+                batches = [kept[i : i + size] for i in range(0, kept.shape[0], size)]
+                recalibrate_batchnorm(self.model, batches, forward=self.model.embed_frozen_features)
             else:
+                chosen = images if rows is None else images[rows]
                 batches = normalized_batches(
-                    images, max(256, cfg.batch_size), device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last
+                    chosen, size, device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last
                 )
                 recalibrate_batchnorm(self.model, batches)
 
