@@ -127,7 +127,6 @@ class Teacher:
     kernel: Any
     head: Any = None
     cache: FrozenFeatureCache | None = None
-    summary: dict[str, Any] | None = None
 
 
 def _teacher_cache(teacher_cfg: RunConfig, student_cfg: RunConfig, model: Any, device: torch.device) -> FrozenFeatureCache:
@@ -195,18 +194,15 @@ def train_teacher(cfg: RunConfig, data: Any, run_dir: Path) -> Teacher:
     summary_path = tdir / "summary.json"
     if summary_path.is_file() and (tdir / "last.pt").is_file():
         log.info("the teacher in %s has finished; it labels the unlabelled images", tdir)
-        loaded = load_teacher(dataclasses.replace(cfg, teacher=str(tdir)), data, resolve_device(cfg.device))
-        loaded.summary = json.loads(summary_path.read_text())
-        return loaded
+        return load_teacher(dataclasses.replace(cfg, teacher=str(tdir)), data, resolve_device(cfg.device))
     resume = (tdir / "last.pt").is_file()
     log.info("%s the teacher: %s for %d epochs on the %d labelled images, in %s",
              "resuming" if resume else "training", cfg.method, tcfg.max_epochs, len(data.train), tdir)
     trainer = Trainer(tcfg, data=data, run_dir=tdir, resume=resume)
-    result = trainer.run()
+    trainer.run()
     trainer.model.eval()
     trainer.method.eval()
-    return Teacher(str(tdir), trainer.cfg, trainer.model, trainer.kernel, getattr(trainer.method, "head", None),
-                   trainer.frozen_cache, result.summary)
+    return Teacher(str(tdir), trainer.cfg, trainer.model, trainer.kernel, getattr(trainer.method, "head", None), trainer.frozen_cache)
 
 
 @torch.no_grad()
@@ -343,30 +339,24 @@ def apply_teacher(
     folder (by the main process); a resumed run (``reuse``) reads them back instead of
     labelling again."""
     path = run_dir / LABELS_FILE
-    shared = None
-    teacher_summary = None
-    if cfg.teacher_epochs is not None:
-        summary_path = run_dir / TEACHER_DIR / "summary.json"
-        if reuse and path.is_file() and summary_path.is_file():
-            teacher_summary = json.loads(summary_path.read_text())
+    teacher = None
     if reuse and path.is_file():
         labels = TeacherLabels.load(path)
-        student_data = with_teacher_labels(data, labels)
     else:
         teacher = train_teacher(cfg, data, run_dir) if cfg.teacher_epochs is not None else load_teacher(cfg, data, device)
-        teacher_summary = teacher.summary
         labels = label_unlabelled(teacher, cfg, data, device, dist=dist)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             labels.save(path)
-        student_data = with_teacher_labels(data, labels)
-        shared = student_features(teacher, data, student_data, labels)
-        del teacher
+    student_data = with_teacher_labels(data, labels)
+    shared = None if teacher is None else student_features(teacher, data, student_data, labels)
+    del teacher
     stats = labels.stats(data.unlabelled.labels)
-    if teacher_summary is not None:
-        final = teacher_summary.get("final", {})
-        per_epoch = teacher_summary.get("train_seconds_per_epoch") or 0.0
-        stats.update(teacher_epochs=teacher_summary.get("epochs"), teacher_train_s=per_epoch * (teacher_summary.get("epochs") or 0),
+    teacher_summary = run_dir / TEACHER_DIR / "summary.json"  # written by the teacher stage of --teacher_epochs
+    if cfg.teacher_epochs is not None and teacher_summary.is_file():
+        summary = json.loads(teacher_summary.read_text())
+        final, epochs = summary.get("final", {}), summary.get("epochs") or 0
+        stats.update(teacher_epochs=epochs, teacher_train_s=(summary.get("train_seconds_per_epoch") or 0.0) * epochs,
                      teacher_val_acc=final.get("val_acc"), teacher_test_acc=final.get("nngk_acc"))
     log.info(
         "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
