@@ -15,7 +15,10 @@ the pretrained EfficientNet-Lite0 (from scratch MbDML1 takes two passes per step
 NNGK and Mixup get twice its epochs; in the `finetune` part it takes one, with
 `--split_batch`; the `finetune` parts need the `efficientnet` extra for the weights),
 about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run
-(the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). On a 2-core
+(the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). The
+`selftrain160` part (self-training in one run: teacher, labelling and student) took 101
+minutes of training in float32 on seed 0 (run BP of docs/accuracy.md), an estimated
+48-56 with bfloat16. On a 2-core
 AVX2 CPU (AMD EPYC, float32) it all takes longer: 1.8 times for MbDML1 on Lite0 at 128
 px, and about 4 times for a ResNet step (docs/benchmarks.md). Run nothing else beside it.
 """
@@ -85,6 +88,17 @@ PARTS: dict[str, dict] = {
         "epochs": {"mbdml1_semi": 28},
         "settings": {"preset": "finetune", "amp": "auto", "input_size": 128, "split_batch": True, "update_interval": 6, "pseudo_start": 6, "pseudo_fraction": 0.8, "pseudo_augment": "randaugment"},
     },
+    "selftrain160": {
+        "title": "CIFAR-10, 10% labels: one-run self-training at 160 px (a 30-epoch MbDML1 teacher labels the 90%, its surest 80% teach a 4-epoch MbDML1 student)",
+        "dataset": "cifar10",
+        "epochs": {"mbdml1": 4},
+        "eval_every": 4,
+        "settings": {
+            "preset": "finetune", "amp": "auto", "input_size": 160, "freeze_stages": 4, "frozen_cache_gb": 10,
+            "update_interval": 2, "teacher_epochs": 30, "teacher_fraction": 0.8, "pseudo_labeller": "kernel_all",
+            "recalibrate_bn_images": 10000,
+        },
+    },
     "fashion": {
         "title": "Fashion-MNIST, 10% labels: the same comparison at an equal time budget",
         "dataset": "fashion-mnist",
@@ -114,7 +128,7 @@ def main() -> None:
         print(f"\n== {part['title']}", flush=True)
         rows = run_comparison(
             part["dataset"], methods, seeds, part["epochs"], part["settings"], str(Path(args.save_dir) / name),
-            method_settings=part.get("method_settings"),
+            eval_every=part.get("eval_every"), method_settings=part.get("method_settings"),
         )
         table = comparison_table(rows)
         print(table, flush=True)
