@@ -95,6 +95,9 @@ def test_feature_batches_cover_the_set_in_order():
     assert [b.shape[0] for b in batches] == [16, 16, 16, 2]
     with torch.no_grad():
         assert torch.allclose(torch.cat(batches), model.frozen_features((images.float() / 255 - 0.5) / 0.5), atol=1e-5)
+    rows = torch.tensor([40, 3, 17])
+    chosen = cache.feature_batches(images, rows)
+    assert len(chosen) == 1 and torch.equal(chosen[0], torch.cat(batches)[rows])
 
 
 def test_put_keeps_given_features_within_the_budget_and_peek_never_computes():

@@ -1,5 +1,6 @@
 """The trainer on the built-in digits: outputs, reload, reproducibility, resume, errors."""
 
+import copy
 import csv
 import json
 import logging
@@ -483,13 +484,13 @@ def test_batchnorm_is_recalibrated_on_the_chosen_subset_of_training_images(tmp_p
     assert recalibration_rows(len(images), len(images), 0) is None and recalibration_rows(len(images), None, 0) is None
     trainer._recalibrate_bn()
     got = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}
-    reference = __import__("copy").deepcopy(trainer.model)
+    reference = copy.deepcopy(trainer.model)
     batches = normalized_batches(images[rows], max(256, cfg.batch_size), mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last)
     recalibrate_batchnorm(reference, batches)
     want = {k: v for k, v in reference.state_dict().items() if "running" in k}
     assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)
     # the whole set gives other statistics
-    all_rows = __import__("copy").deepcopy(trainer.model)
+    all_rows = copy.deepcopy(trainer.model)
     recalibrate_batchnorm(all_rows, normalized_batches(images, 256, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last))
     assert any(not torch.allclose(all_rows.state_dict()[k], got[k]) for k in got if "running_mean" in k)
     with pytest.raises(ConfigError, match="recalibrate_bn_images must be a whole number >= 1"):

@@ -185,9 +185,12 @@ class FrozenFeatureCache:
             out.append(f)
         return torch.cat(out)
 
-    def feature_batches(self, images: torch.Tensor) -> list[torch.Tensor] | None:
-        """The kept features of ``images`` in batches of ``batch_size`` (views), or None."""
+    def feature_batches(self, images: torch.Tensor, rows: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """The kept features of ``images`` (of only its ``rows``, in their order, when given)
+        in batches of ``batch_size``, or None."""
         plain = self.features(images)
         if plain is None:
             return None
+        if rows is not None:
+            plain = plain[rows.to(plain.device)]
         return [plain[i : i + self.batch_size] for i in range(0, plain.shape[0], self.batch_size)]

@@ -438,18 +438,14 @@ class Trainer:
 
         cfg, images = self.cfg, self.data.train.images
         rows = recalibration_rows(len(images), cfg.recalibrate_bn_images, cfg.seed)
-        size = max(256, cfg.batch_size)
         with self._autocast():
-            kept = self.frozen_cache.features(images)
+            kept = self.frozen_cache.feature_batches(images, rows)
             if kept is not None:
-                if rows is not None:
-                    kept = kept[rows.to(kept.device)]
-                batches = [kept[i : i + size] for i in range(0, kept.shape[0], size)]
-                recalibrate_batchnorm(self.model, batches, forward=self.model.embed_frozen_features)
+                recalibrate_batchnorm(self.model, kept, forward=self.model.embed_frozen_features)
             else:
                 chosen = images if rows is None else images[rows]
                 batches = normalized_batches(
-                    chosen, size, device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last
+                    chosen, max(256, cfg.batch_size), device=self.device, mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last
                 )
                 recalibrate_batchnorm(self.model, batches)
 
