@@ -292,3 +292,41 @@ def test_teacher_epochs_settings_are_checked(tmp_path, teacher):
     assert cfg.teacher_epochs == 4 and cfg.resolved().teacher_epochs == 4
     with pytest.raises(ConfigError, match="needs unlabelled images"):
         train(small(tmp_path, method="mixup", teacher_epochs=1, labelled_fraction=1.0, val_fraction=0.1, max_epochs=1))
+
+
+def test_student_init_teacher_starts_from_the_teachers_network_and_head(tmp_path, teacher, monkeypatch):
+    seen = {}
+    original = Trainer.refresh_centres
+
+    def first_refresh(self):  # the student's weights before any step
+        if "model" not in seen:
+            seen["model"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+            seen["method"] = {k: v.clone() for k, v in self.method.state_dict().items()}
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "refresh_centres", first_refresh)
+    train(small(tmp_path, method="mbdml1", name="student", teacher=str(teacher), student_init="teacher", max_epochs=1))
+    state = torch.load(teacher / "last.pt", map_location="cpu", weights_only=True)
+    assert seen["model"].keys() == state["model"].keys()
+    assert all(torch.equal(seen["model"][k], v) for k, v in state["model"].items())
+    assert torch.equal(seen["method"]["head.weight"], state["method"]["head.weight"])
+    # the kernel's per-centre weights are not copied: the student sets its own, for its own centres, at its first refresh
+    assert seen["method"]["kernel.log_weights"].numel() != state["method"]["kernel.log_weights"].numel()
+    # from the pretrained (here random) weights the student starts elsewhere
+    seen.clear()
+    train(small(tmp_path, method="mbdml1", name="fresh", teacher=str(teacher), max_epochs=1))
+    assert not torch.equal(seen["method"]["head.weight"], state["method"]["head.weight"])
+
+
+def test_student_init_teacher_needs_a_teacher_with_the_students_network(tmp_path, teacher):
+    with pytest.raises(ConfigError, match="has no teacher: add --teacher FOLDER or --teacher_epochs N"):
+        small(tmp_path, method="mixup", student_init="teacher").resolved()
+    with pytest.raises(ConfigError, match="--student_init 'nope' is not known"):
+        small(tmp_path, method="mixup", student_init="nope").resolved()
+    with pytest.raises(ConfigError, match=r"network of the teacher .* is not the student's .*--embedding_dim"):
+        train(small(tmp_path, method="mixup", name="wide", teacher=str(teacher), student_init="teacher", embedding_dim=8, max_epochs=1))
+    # the teacher stage of a one-run self-training starts from the pretrained weights, as a teacher does
+    from mbdml.self_training import teacher_config
+
+    one = small(tmp_path, method="mbdml1", teacher_epochs=2, student_init="teacher")
+    assert one.resolved().student_init == "teacher" and teacher_config(one).resolved().student_init == "pretrained"

@@ -71,7 +71,7 @@ def float_list(text: str) -> tuple[float, ...]:
 
 
 def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
-    from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, PSEUDO_AUGMENTS, SCHEDULES
+    from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, PSEUDO_AUGMENTS, SCHEDULES, STUDENT_INITS
     from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
     from .models import MODEL_NAMES
     from .neighbours import SEARCH_BACKENDS
@@ -188,6 +188,11 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         "saved in the run folder's teacher/), label the unlabelled images with it, then train the student for "
         "--max_epochs on the labelled and kept images; with --freeze_stages the student reuses the teacher's "
         "frozen-stage features (default: off; in 'compare' the semi-supervised methods ignore it)",
+    )
+    g.add_argument(
+        "--student_init", choices=STUDENT_INITS, default=S,
+        help="the student's starting weights: 'pretrained' (those the teacher started from: --pretrained, or random) or "
+        "'teacher' (the teacher's final network and mixup head; it then needs fewer epochs) (default pretrained)",
     )
     g.add_argument(
         "--teacher_fraction", type=optional_float, default=S,

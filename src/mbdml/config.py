@@ -42,6 +42,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PSEUDO_AUGMENTS = ("standard", "randaugment")  # how the semi-supervised methods augment pseudo-labelled images
+STUDENT_INITS = ("pretrained", "teacher")  # where a self-training student's weights start
 AMP_CHOICES = ("none", "bf16", "auto")  # resolved per device by mbdml.precision.resolve_amp
 
 
@@ -126,6 +127,9 @@ class RunConfig:
     # self-training in one run: the method first trains this many epochs on the labelled images
     # alone (the teacher, in the run folder's teacher/), labels, then the student trains for max_epochs
     teacher_epochs: int | None = None
+    # the student's starting weights: the pretrained (or random) ones, like the teacher's, or the
+    # teacher's final network and mixup head (the kernel's per-centre weights start afresh)
+    student_init: str = "pretrained"  # pretrained | teacher
     centre_momentum: float | None = None  # None: centres change only at a refresh (SPEC); m in [0, 1): a memory bank
     # optimisation
     optimizer: str = "adam"
@@ -186,6 +190,7 @@ class RunConfig:
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
         choice("pseudo_labeller", self.pseudo_labeller, PSEUDO_LABELLERS)
         choice("pseudo_augment", self.pseudo_augment, PSEUDO_AUGMENTS)
+        choice("student_init", self.student_init, STUDENT_INITS)
         choice("split", self.split, ("random", "folds"))
         choice("amp", self.amp, AMP_CHOICES)
         choice("on_bad_image", self.on_bad_image, ("error", "skip"))
@@ -250,6 +255,11 @@ class RunConfig:
                     f"--teacher_epochs trains a teacher that labels the unlabelled images once, and method {self.method} labels "
                     "them itself as it trains: use a supervised method such as mbdml1 or mixup, or drop --teacher_epochs"
                 )
+        if self.student_init == "teacher" and self.teacher is None and self.teacher_epochs is None:
+            raise ConfigError(
+                "--student_init teacher starts a self-training student from its teacher's weights, and this run has no "
+                "teacher: add --teacher FOLDER or --teacher_epochs N, or drop --student_init"
+            )
         if self.pseudo_augment != "standard" and not method_cls.uses_unlabelled:
             semi = [name for name, cls in METHODS.items() if cls.uses_unlabelled]
             raise ConfigError(

@@ -74,7 +74,7 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
                 if method in METHODS and not METHODS[method].uses_unlabelled:
                     cfg = dataclasses.replace(cfg, pseudo_augment="standard")
                 elif method in METHODS:  # they label the unlabelled images themselves
-                    cfg = dataclasses.replace(cfg, teacher_epochs=None)
+                    cfg = dataclasses.replace(cfg, teacher_epochs=None, student_init="pretrained")
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
                 jobs.append(Job(dataset, method, run, cfg.resolved(), run_dir))
     return jobs

@@ -180,7 +180,7 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
     the student's, trained ``teacher_epochs`` epochs on the labelled images alone,
     evaluated at its end."""
     n = int(cfg.teacher_epochs)
-    return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, name="teacher", tsne_graph=False)
+    return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, student_init="pretrained", name="teacher", tsne_graph=False)
 
 
 def train_teacher(cfg: RunConfig, data: Any, run_dir: Path) -> Teacher:
@@ -310,6 +310,38 @@ def student_features(teacher: Teacher, data: Any, student_data: Any, labels: Tea
             entries.append((images, plain, flipped))
     cache.clear()  # the teacher's copies; the student keeps what it needs
     return SharedFeatures(teacher.model, teacher.config, entries) if entries else None
+
+
+def teacher_folder(cfg: RunConfig, run_dir: Path) -> Path:
+    """The teacher's run folder: ``--teacher``, or the teacher stage of ``--teacher_epochs``."""
+    return Path(str(cfg.teacher)) if cfg.teacher is not None else Path(run_dir) / TEACHER_DIR
+
+
+def start_from_teacher(model: torch.nn.Module, method: torch.nn.Module, cfg: RunConfig, run_dir: Path) -> list[str]:
+    """``--student_init teacher``: copy the teacher's final network, and its method's
+    weights other than the kernel's (the mixup head), into the student's ``model`` and
+    ``method``. The kernel's per-centre weights start afresh: the student has more
+    centres. Returns the method weights copied; the networks must be the same."""
+    from .checkpoint import load_checkpoint
+
+    tdir = teacher_folder(cfg, run_dir)
+    state = load_checkpoint(tdir / "last.pt", map_location="cpu")
+    try:
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"--student_init teacher: the network of the teacher {tdir} is not the student's ({first}); give the student "
+            "the teacher's --model, --width, --embedding_dim and --freeze_stages, or use --student_init pretrained"
+        ) from None
+    own = method.state_dict()
+    theirs = {k: v for k, v in state.get("method", {}).items() if not k.startswith("kernel.")}
+    copied = sorted(k for k, v in theirs.items() if k in own and own[k].shape == v.shape)
+    method.load_state_dict({k: theirs[k] for k in copied}, strict=False)
+    left = sorted(k for k in own if not k.startswith("kernel.") and k not in copied)
+    if left:
+        log.warning("--student_init teacher: the teacher %s has no %s of this shape; the student starts them afresh", tdir, ", ".join(left))
+    return copied
 
 
 def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:

@@ -820,6 +820,11 @@ class Trainer:
         self.allocator = keep_freed_memory() if cfg.keep_freed_memory else "left as it is (--keep_freed_memory false)"
         log.debug("memory allocator: %s", self.allocator)
         self._build()
+        if cfg.student_init == "teacher" and not (self.resume and student_started):
+            from .self_training import start_from_teacher
+
+            copied = start_from_teacher(self.model, self.method, cfg, self.run_dir)
+            log.info("the student starts from its teacher's network%s", f" and {', '.join(copied)}" if copied else "")
         if shared is not None:
             kept = shared.give_to(self.frozen_cache, cfg)
             log.info("the student takes over the teacher's frozen-stage features of %d image sets", kept)
