@@ -18,7 +18,9 @@ about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised 
 (the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). The
 `selftrain160` part (self-training in one run: teacher, labelling and student) took 101
 minutes of training in float32 on seed 0 (run BP of docs/accuracy.md), an estimated
-48-56 with bfloat16. On a 2-core
+48-56 with bfloat16. The `selftrain160t` part starts the student from its teacher
+(``--student_init teacher``) and trains it 2 epochs instead of 4: 88.29% on seed 0 with a
+saved teacher (run BQ), about 79 minutes in float32, an estimated 38-44 with bfloat16. On a 2-core
 AVX2 CPU (AMD EPYC, float32) it all takes longer: 1.8 times for MbDML1 on Lite0 at 128
 px, and about 4 times for a ResNet step (docs/benchmarks.md). Run nothing else beside it.
 """
@@ -42,6 +44,13 @@ from methods_cifar10 import comparison_table, run_comparison  # noqa: E402
 # were measured with AVX512-BF16; on an AVX2-only CPU it runs in float32, about 1.8-4x
 # the time, docs/benchmarks.md). Epochs give each method about the same wall time.
 RECIPE = {"preset": "scratch", "amp": "auto"}
+# one-run self-training at 160 px: a 30-epoch MbDML1 teacher, its surest 80% of labels
+SELFTRAIN160 = {
+    "preset": "finetune", "amp": "auto", "input_size": 160, "freeze_stages": 4, "frozen_cache_gb": 10,
+    "update_interval": 2, "teacher_epochs": 30, "teacher_fraction": 0.8, "pseudo_labeller": "kernel_all",
+    "recalibrate_bn_images": 10000,
+}
+
 PARTS: dict[str, dict] = {
     "cifar10": {
         "title": "CIFAR-10, 10% labels: the best MbDML method against NNGK and CE + Mixup at an equal time budget",
@@ -93,11 +102,14 @@ PARTS: dict[str, dict] = {
         "dataset": "cifar10",
         "epochs": {"mbdml1": 4},
         "eval_every": 4,
-        "settings": {
-            "preset": "finetune", "amp": "auto", "input_size": 160, "freeze_stages": 4, "frozen_cache_gb": 10,
-            "update_interval": 2, "teacher_epochs": 30, "teacher_fraction": 0.8, "pseudo_labeller": "kernel_all",
-            "recalibrate_bn_images": 10000,
-        },
+        "settings": SELFTRAIN160,
+    },
+    "selftrain160t": {
+        "title": "CIFAR-10, 10% labels: one-run self-training at 160 px, the student starting from its teacher (a 30-epoch MbDML1 teacher labels the 90%, its surest 80% teach the same network 2 more epochs)",
+        "dataset": "cifar10",
+        "epochs": {"mbdml1": 2},
+        "eval_every": 2,
+        "settings": dict(SELFTRAIN160, student_init="teacher"),
     },
     "fashion": {
         "title": "Fashion-MNIST, 10% labels: the same comparison at an equal time budget",
