@@ -330,3 +330,26 @@ def test_student_init_teacher_needs_a_teacher_with_the_students_network(tmp_path
 
     one = small(tmp_path, method="mbdml1", teacher_epochs=2, student_init="teacher")
     assert one.resolved().student_init == "teacher" and teacher_config(one).resolved().student_init == "pretrained"
+
+
+def test_resumed_student_from_its_teacher_keeps_its_own_weights(tmp_path, teacher, monkeypatch):
+    opts = dict(method="mbdml1", teacher=str(teacher), student_init="teacher", max_epochs=2, eval_every=1)
+    full = train(small(tmp_path, name="full", **opts))
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_one).run()
+
+    def no_second_copy(*args, **kwargs):
+        raise AssertionError("a resumed student copies its teacher's weights again")
+
+    monkeypatch.setattr("mbdml.self_training.start_from_teacher", no_second_copy)
+    resumed = resume(tmp_path / "cut")
+    keys = ("loss", "train_acc", "val_acc", "test_acc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
