@@ -100,12 +100,15 @@ def run_comparison(
 
 
 def mean_std(values: list[float | None]) -> str:
-    """'mean ± sample std' in percent of the values given (None skipped)."""
+    """'mean ± sample std' in percent of the values given (None skipped); one value alone
+    has no spread, so it is printed without one."""
     kept = [100 * v for v in values if v is not None]
     if not kept:
         return "-"
     mean = sum(kept) / len(kept)
-    std = (sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) ** 0.5 if len(kept) > 1 else 0.0
+    if len(kept) == 1:
+        return f"{mean:.2f}"
+    std = (sum((v - mean) ** 2 for v in kept) / (len(kept) - 1)) ** 0.5
     return f"{mean:.2f} ± {std:.2f}"
 
 

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from accuracy_suite import PARTS  # noqa: E402
-from methods_cifar10 import epochs_per_method, parse_settings  # noqa: E402
+from methods_cifar10 import epochs_per_method, mean_std, parse_settings  # noqa: E402
 
 from mbdml.config import PRESETS, make_config  # noqa: E402
 from mbdml.methods import METHODS  # noqa: E402
@@ -19,6 +19,12 @@ from mbdml.methods import METHODS  # noqa: E402
 def test_settings_parse_json_values_and_bare_words():
     got = parse_settings(["preset=finetune", "amp=bf16", "mean=[0.5]", "learning_rate=0.02", "tta_flip=false", "pretrained=null", "name=a=b"])
     assert got == {"preset": "finetune", "amp": "bf16", "mean": [0.5], "learning_rate": 0.02, "tta_flip": False, "pretrained": None, "name": "a=b"}
+
+
+def test_mean_std_gives_the_sample_spread_and_none_for_one_seed():
+    assert mean_std([0.8752]) == "87.52"  # one seed: no "± 0.00" that reads as a measured spread
+    assert mean_std([0.8829, 0.8768, None, 0.8752]) == "87.83 ± 0.41"  # sample std, None skipped
+    assert mean_std([None]) == "-"
 
 
 def test_epochs_per_method_names_every_method():
