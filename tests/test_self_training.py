@@ -27,6 +27,24 @@ def teacher(tmp_path_factory):
     return train(small(root, method="mbdml1", name="teacher", tta_flip=True)).run_dir
 
 
+def stop_after_first_epoch(cfg):
+    """Run ``cfg`` and interrupt it once its first epoch has been saved."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(cfg, on_epoch_end=stop_after_one).run()
+
+
+def epoch_figures(history):
+    return [[r[k] for k in ("loss", "train_acc", "val_acc", "test_acc")] for r in history]
+
+
 def teacher_probabilities(teacher_dir, images):
     """The teacher's kernel-classifier probabilities, computed here step by step."""
     run = load_run(teacher_dir, "last")
@@ -87,24 +105,14 @@ def test_threshold_mode_keeps_only_images_at_least_that_sure():
 def test_resumed_student_reads_its_saved_labels_and_ends_as_an_uninterrupted_one(tmp_path, teacher, monkeypatch):
     opts = dict(method="mixup", teacher=str(teacher), teacher_fraction=0.6, max_epochs=3, eval_every=1)
     full = train(small(tmp_path, name="full", **opts))
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(row):
-        if row["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_one).run()
+    stop_after_first_epoch(small(tmp_path, name="cut", **opts))
 
     def no_second_labelling(*args, **kwargs):
         raise AssertionError("a resumed run labels again")
 
     monkeypatch.setattr("mbdml.self_training.label_with_teacher", no_second_labelling)
     resumed = resume(tmp_path / "cut")
-    keys = ("loss", "train_acc", "val_acc", "test_acc")
-    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert epoch_figures(resumed.history) == epoch_figures(full.history)
 
 
 def test_teacher_of_another_split_is_refused_with_the_fields_that_differ(tmp_path, teacher):
@@ -335,21 +343,11 @@ def test_student_init_teacher_needs_a_teacher_with_the_students_network(tmp_path
 def test_resumed_student_from_its_teacher_keeps_its_own_weights(tmp_path, teacher, monkeypatch):
     opts = dict(method="mbdml1", teacher=str(teacher), student_init="teacher", max_epochs=2, eval_every=1)
     full = train(small(tmp_path, name="full", **opts))
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(row):
-        if row["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_one).run()
+    stop_after_first_epoch(small(tmp_path, name="cut", **opts))
 
     def no_second_copy(*args, **kwargs):
         raise AssertionError("a resumed student copies its teacher's weights again")
 
     monkeypatch.setattr("mbdml.self_training.start_from_teacher", no_second_copy)
     resumed = resume(tmp_path / "cut")
-    keys = ("loss", "train_acc", "val_acc", "test_acc")
-    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert epoch_figures(resumed.history) == epoch_figures(full.history)
