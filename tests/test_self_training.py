@@ -102,15 +102,24 @@ def test_threshold_mode_keeps_only_images_at_least_that_sure():
     assert select_pseudo_labels(conf, lab, 2, 0.5, 0.99).tolist() == [True, False, True, False]  # by rank: 1 per class
 
 
-def test_resumed_student_reads_its_saved_labels_and_ends_as_an_uninterrupted_one(tmp_path, teacher, monkeypatch):
-    opts = dict(method="mixup", teacher=str(teacher), teacher_fraction=0.6, max_epochs=3, eval_every=1)
+@pytest.mark.parametrize(
+    "opts, not_again",
+    [
+        # the saved teacher labels are read back, not computed again
+        (dict(method="mixup", teacher_fraction=0.6, max_epochs=3), "label_with_teacher"),
+        # a student started from its teacher keeps its own weights: no second copy over them
+        (dict(method="mbdml1", student_init="teacher", max_epochs=2), "start_from_teacher"),
+    ],
+)
+def test_resumed_student_ends_as_an_uninterrupted_one(tmp_path, teacher, monkeypatch, opts, not_again):
+    opts = dict(opts, teacher=str(teacher), eval_every=1)
     full = train(small(tmp_path, name="full", **opts))
     stop_after_first_epoch(small(tmp_path, name="cut", **opts))
 
-    def no_second_labelling(*args, **kwargs):
-        raise AssertionError("a resumed run labels again")
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(f"a resumed student runs {not_again} again")
 
-    monkeypatch.setattr("mbdml.self_training.label_with_teacher", no_second_labelling)
+    monkeypatch.setattr(f"mbdml.self_training.{not_again}", must_not_run)
     resumed = resume(tmp_path / "cut")
     assert epoch_figures(resumed.history) == epoch_figures(full.history)
 
@@ -338,16 +347,3 @@ def test_student_init_teacher_needs_a_teacher_with_the_students_network(tmp_path
 
     one = small(tmp_path, method="mbdml1", teacher_epochs=2, student_init="teacher")
     assert one.resolved().student_init == "teacher" and teacher_config(one).resolved().student_init == "pretrained"
-
-
-def test_resumed_student_from_its_teacher_keeps_its_own_weights(tmp_path, teacher, monkeypatch):
-    opts = dict(method="mbdml1", teacher=str(teacher), student_init="teacher", max_epochs=2, eval_every=1)
-    full = train(small(tmp_path, name="full", **opts))
-    stop_after_first_epoch(small(tmp_path, name="cut", **opts))
-
-    def no_second_copy(*args, **kwargs):
-        raise AssertionError("a resumed student copies its teacher's weights again")
-
-    monkeypatch.setattr("mbdml.self_training.start_from_teacher", no_second_copy)
-    resumed = resume(tmp_path / "cut")
-    assert epoch_figures(resumed.history) == epoch_figures(full.history)
