@@ -22,7 +22,9 @@ minutes of training in float32 on seed 0 (run BP of docs/accuracy.md), an estima
 (``--student_init teacher``) and trains it 2 epochs instead of 4: 88.29% on seed 0 with a
 saved teacher (run BQ), 87.68% on seed 1 in one run (BR: 81.4 minutes of training in
 float32, an estimated 39-45 with bfloat16), 87.52% on seed 2 (BS: 94.7 minutes on a slower
-machine): 87.83 ± 0.41 over the 3 seeds. On a 2-core
+machine): 87.83 ± 0.41 over the 3 seeds. The `selftrain160t4` part trains that student 4
+epochs: 88.25 ± 0.24 over seeds 0, 1, 2 (runs BV, BW, BU), 40.9-51.9 minutes of training
+per run with bfloat16. On a 2-core
 AVX2 CPU (AMD EPYC, float32) it all takes longer: 1.8 times for MbDML1 on Lite0 at 128
 px, and about 4 times for a ResNet step (docs/benchmarks.md). Run nothing else beside it.
 """
