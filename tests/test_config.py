@@ -61,6 +61,11 @@ def test_paper_preset_is_the_authors_setup():
     assert cfg.sigma == 10.0 and cfg.k == 200 and cfg.update_interval == 5 and cfg.mixup_head == "features"
     assert cfg.scale_mixup == 2.0  # MbDML3's s in the authors' code
     assert default_scale_mixup("paper", "mbdml2") == 1e-4
+    # Their README's command: 200 epochs; their classifier.py's floor; their scripts' weights.
+    assert cfg.max_epochs == 200 and cfg.class_floor == "authors"
+    assert (cfg.optimizer, cfg.schedule, cfg.weight_decay, cfg.alpha, cfg.beta) == ("adam", "none", 0.0, 1.0, 1.0)
+    weights = {m: make_config("paper", method=m).resolved().scale_mixup for m in ("mbdml1", "mbdml2", "mbdml3")}
+    assert weights == {"mbdml1": 1e-4, "mbdml2": 1e-4, "mbdml3": 2.0}
     # An explicit value wins over the preset.
     assert make_config("paper", learning_rate=3e-4).learning_rate == 3e-4
 
@@ -149,3 +154,14 @@ def test_pseudo_labeller_head_needs_a_method_with_a_head():
     assert make_config(method="mbdml1_semi", pseudo_labeller="mean").resolved().pseudo_labeller == "mean"
     assert make_config(method="mbdml1", pseudo_labeller="head").validate().method == "mbdml1"  # ignored without unlabelled images
     assert make_config(method="mbdml_semi", pseudo_labeller="kernel_all").validate().pseudo_labeller == "kernel_all"
+
+
+def test_a_config_saved_before_class_floor_existed_loads_with_the_floor_it_ran_with():
+    """Runs saved before the option existed floored after normalising; our presets'
+    default may change, their config.json must still mean what it did."""
+    old = make_config("default").resolved().to_dict()
+    del old["class_floor"]
+    assert RunConfig.from_dict(old).class_floor == "normalised"
+    assert RunConfig.from_dict({**old, "class_floor": "authors"}).class_floor == "authors"
+    with pytest.raises(ConfigError, match="class_floor"):
+        RunConfig.from_dict({**old, "class_floor": "later"}).validate()

@@ -35,7 +35,7 @@ def same_class_lists(y, k=8):
 
 
 def nll_spec(f, y, kernel, nbrs):
-    p = spec_loop_probs(f.double(), kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), nbrs, kernel.sigma, NUM_CLASSES)
+    p = spec_loop_probs(f.double(), kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), nbrs, kernel.sigma, NUM_CLASSES, floor=kernel.class_floor)
     return -torch.log(p[torch.arange(len(y)), y]).mean()
 
 

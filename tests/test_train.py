@@ -433,7 +433,7 @@ def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_p
         kernel = k.log_probs(emb, k.neighbours(emb)).exp()
         head = torch.softmax(trainer.method.head(emb), dim=1)
         every = torch.arange(k.num_centres).expand(200, -1)  # the plain loop on the first 200 images
-        kernel_all = spec_loop_probs(emb[:200], k.centres, k.centre_labels, k.log_weights, every, k.sigma, 10)
+        kernel_all = spec_loop_probs(emb[:200], k.centres, k.centre_labels, k.log_weights, every, k.sigma, 10, floor=k.class_floor)
     expected = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": (kernel + head) / 2}
     kept = {}
     for labeller, want in expected.items():

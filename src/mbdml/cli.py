@@ -74,6 +74,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, PSEUDO_AUGMENTS, SCHEDULES, STUDENT_INITS
     from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
     from .models import MODEL_NAMES
+    from .kernel import CLASS_FLOORS
     from .neighbours import SEARCH_BACKENDS
 
     S = argparse.SUPPRESS  # only flags actually given override the preset
@@ -121,6 +122,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
     g = p.add_argument_group("kernel classifier")
     g.add_argument("--sigma", type=finite_float, default=S, help="kernel width (default 0.3 for unit-length embeddings; the paper preset: 10)")
     g.add_argument("--k", "--K", dest="k", type=int, default=S, help="number of nearest centres (default 200)")
+    g.add_argument("--class_floor", choices=CLASS_FLOORS, default=S, help="a class with no neighbour in the list: authors (its unnormalised mass is 1e-10, then normalise, as the authors' classifier.py; the paper preset) or normalised (1e-10 after normalising over the classes present: no gradient) (default normalised)")
     g.add_argument("--update_interval", type=int, default=S, help="epochs between centre refreshes")
     g.add_argument("--learn_kernel_weights", type=str2bool, default=S, help="train the per-centre weights (default True)")
     g.add_argument("--centre_momentum", type=optional_float, default=S, help="none (centres change only at a refresh, the paper) or m in [0,1): move each centre to its latest embedding after every step")

@@ -20,9 +20,11 @@ Presets:
   CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16``, 51-59 in float32 on an
   AVX2 CPU (docs/accuracy.md). Until 2026-12-02 it used 96 pixels, a refresh every 4
   epochs and two passes.
-- ``paper``: the authors' set-up (SPEC §5): ResNet-50 (2048-d post-ReLU features as the
-  embedding), BatchNorm frozen, flip only, Adam at 1e-5, batch 32, 50 epochs, their
-  per-method loss weights and the raw features as mixup logits. The ImageNet weights
+- ``paper``: the authors' set-up (SPEC §5) and their README's command: ResNet-50 (2048-d
+  post-ReLU features as the embedding), BatchNorm frozen, flip only, Adam at 1e-5, batch
+  32, 200 epochs, their classifier's floor (``class_floor="authors"``), their scripts'
+  per-method loss weights and the raw features as mixup logits (docs/paper-preset.md
+  gives each value's source). The ImageNet weights
   are not bundled: pass ``--pretrained PATH`` to a torchvision ResNet-50 checkpoint.
 """
 
@@ -84,6 +86,9 @@ class RunConfig:
     # kernel classifier
     sigma: float = 0.3  # ours, for unit-length embeddings; the paper's 10 suits raw 2048-d features
     k: int = 200
+    # a class with no neighbour in the list: "authors" floors its unnormalised mass at 1e-10
+    # before normalising (their classifier.py), "normalised" floors its probability after
+    class_floor: str = "normalised"
     update_interval: int = 2
     learn_kernel_weights: bool = True
     search: str = "torch"
@@ -169,6 +174,7 @@ class RunConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a positive number, got {value!r}; {fix}")
 
+        from .kernel import CLASS_FLOORS
         from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
         from .models import MODEL_NAMES
         from .models.embedding import means_no_pretrained
@@ -186,6 +192,7 @@ class RunConfig:
         if not (self.device in DEVICES or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"--device {self.device!r} is not known; choose one of: {', '.join(DEVICES)} (or cuda:N)")
         choice("search", self.search, SEARCH_BACKENDS)
+        choice("class_floor", self.class_floor, CLASS_FLOORS)
         choice("mixup_head", self.mixup_head, MIXUP_HEADS)
         choice("mixed_neighbours", self.mixed_neighbours, MIXED_NEIGHBOURS)
         choice("pseudo_labeller", self.pseudo_labeller, PSEUDO_LABELLERS)
@@ -343,6 +350,8 @@ class RunConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}; known keys are the fields of mbdml.config.RunConfig")
+        # A key written before it existed means what the code did then.
+        data = {**_BEFORE_THE_FIELD, **data}
         values: dict[str, Any] = {}
         for key, value in data.items():
             values[key] = _coerce(key, value, known[key].type)
@@ -360,6 +369,11 @@ class RunConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid JSON ({exc}); restore it or start a new run") from None
         return cls.from_dict(data)
+
+
+# Fields added after runs were saved, with the value those runs used (an older config.json
+# lacks the key): the floor was applied after normalising until class_floor existed.
+_BEFORE_THE_FIELD: dict[str, Any] = {"class_floor": "normalised"}
 
 
 def _check_share(name: str, value: Any, otherwise: str) -> None:
@@ -470,7 +484,8 @@ def preset_values(preset: str) -> dict[str, Any]:
             "weight_decay": 0.0,
             "schedule": "none",
             "batch_size": 32,
-            "max_epochs": 50,
+            "max_epochs": 200,  # their README's commands (--max_epochs=200); the scripts' default is 50
+            "class_floor": "authors",
             "flip": True,
             "crop_padding": 0,
             "mean": (0.5,),

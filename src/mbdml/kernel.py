@@ -8,15 +8,27 @@ its K nearest centres:
     k_j(f) = w_j * exp(-||f - c_j||^2 / (2 sigma^2))
     P(c | f) = sum_{j in N(f), y_j = c} k_j(f) / sum_{j in N(f)} k_j(f)
 
-A class with no neighbour in the list gets ``min_prob`` (1e-10) before renormalising,
-as in the authors' code. Everything here is computed in log space (a log-sum-exp per
-class), so far-apart embeddings (large distances over 2 sigma^2) do not underflow to
-the authors' flat, gradient-free loss; where their formula does not underflow the two
-agree. The whole batch is handled at once (no Python loop over samples).
+A class with no neighbour in the list has no mass. Two floors are offered
+(``class_floor``):
+
+- ``"authors"``: as the authors' ``classifier.py`` computes it, the *unnormalised* mass
+  of such a class is set to ``min_prob`` (1e-10) and only then are the masses
+  normalised: P(absent) = 1e-10 / (S + n_absent 1e-10), S the total kernel mass. Its
+  NLL is about 23.03 + log S, and its gradient lowers S (it pushes f away from its
+  neighbours and shrinks their weights).
+- ``"normalised"``: the probabilities of the classes present are normalised first and
+  an absent class gets ``min_prob`` afterwards: a constant, with no gradient.
+
+They differ only where a class is absent from the list, which is the usual case for
+MbDML2/3's partner class once training has separated the classes. Everything here is
+computed in log space (a log-sum-exp per class), so far-apart embeddings (large
+distances over 2 sigma^2) do not underflow to the authors' flat, gradient-free loss;
+where their formula does not underflow, ``"authors"`` equals it, values and gradients.
+The whole batch is handled at once (no Python loop over samples).
 
 Use it as a loss beside pytorch-metric-learning's::
 
-    kernel = NNGKClassifier(num_classes=10, sigma=10.0, k=200)
+    kernel = NNGKClassifier(num_classes=10, sigma=10.0, k=200, class_floor="authors")
     kernel.set_centres(labelled_embeddings, labelled_labels)   # at each refresh
     loss = kernel(embeddings, labels, indices)                 # indices: centre ids
 """
@@ -34,6 +46,10 @@ from torch import nn
 
 from .errors import ConfigError, DataError
 from .neighbours import effective_k, knn_search, self_knn
+
+
+# Where the floor of a class with no neighbour in the list applies (NNGKClassifier).
+CLASS_FLOORS = ("authors", "normalised")
 
 
 class _GatheredDot(torch.autograd.Function):
@@ -169,24 +185,31 @@ class _KernelLogProbs(torch.autograd.Function):
 
     Inputs: f (B, D) live embeddings, theta (N,) log kernel weights, and, without
     gradient, the centres, their squared norms and labels, the (B, K) neighbour lists
-    and an optional (B, K) validity mask. Output: log P(c | f), (B, C), renormalised
-    after ``min_prob`` is given to the classes with no neighbour.
+    and an optional (B, K) validity mask. Output: log P(c | f), (B, C), with the
+    classes that have no neighbour floored as ``authors_floor`` says (see the module
+    docstring).
 
     Autograd would record about 25 small (B, K) operations and replay them backwards;
     this node keeps the neighbour lists, their labels and one (B, K) tensor of weights
-    (plus three (B, C) ones) and writes the gradient in closed form:
+    (plus three (B, C) ones) and writes the gradient in closed form. With
+    L_c = log of class c's unnormalised mass (present classes) and r the log-masses
+    the output is normalised from (L_c, or log ``min_prob`` for an absent class under
+    the authors' floor):
 
         s_j    = k_j / (mass of class y_j)        (softmax within the neighbour's class)
-        P_c    = mass of class c / total mass     (before min_prob and renormalising)
-        g      = G - exp(out) * sum_c G_c         (through the renormalisation)
-        h_c    = g_c - P_c * sum_{c present} g_c  (present classes only)
+        g      = G - exp(out) * sum_c G_c         (dLoss / dr, through the normalisation)
+        authors:    h_c = g_c                     (present classes; an absent r_c is a constant)
+        normalised: h_c = g_c - P_c * sum_{c present} g_c, with P_c = mass_c / total mass,
+                    since r_c = L_c - log(total mass) there
         d logit_j = s_j * h_{y_j}
         d theta_j = sum of d logit over the places j appears
-        d f_b  = (1 / sigma^2) sum_j d logit_bj c_j
+        d f_b  = (1 / sigma^2) (sum_j d logit_bj c_j - f_b sum_j d logit_bj)
 
-    The last line leaves out -(1 / sigma^2) f_b sum_j d logit_bj, which is 0 since the
-    P_c of the present classes sum to 1. For the same reason ||f_b||^2, constant
-    along a row of logits, cancels in the forward pass and is not computed.
+    Under the normalised floor sum_j d logit_bj = 0 (the P_c of the present classes sum
+    to 1), so the last term is left out, and ||f_b||^2, constant along a row of
+    logits, cancels in the forward pass and is not computed. Under the authors' floor
+    an absent class's mass is absolute (1e-10), so the logits carry ||f_b||^2 and the
+    gradient its term.
     """
 
     @staticmethod
@@ -203,14 +226,18 @@ class _KernelLogProbs(torch.autograd.Function):
         log_min_prob: float,
         num_classes: int,
         dots_path: str,
+        authors_floor: bool,
     ) -> torch.Tensor:
         b, k = idx.shape
         flat = idx.reshape(-1)
         dots = _neighbour_dots(f, centres, idx, dots_path)
-        # log k_j(f) up to the per-row constant -||f||^2 / 2 sigma^2, which cancels
+        # log k_j(f) = theta_j - (||f||^2 - 2 f.c_j + ||c_j||^2) / 2 sigma^2; the
+        # per-row -||f||^2 / 2 sigma^2 cancels under the normalised floor only
         logits = dots.mul_(2.0 * inv)
         logits += theta.index_select(0, flat).view(b, k)
         logits.sub_(centre_sq.index_select(0, flat).view(b, k), alpha=inv)
+        if authors_floor:
+            logits.sub_(f.pow(2).sum(1, keepdim=True).to(logits.dtype), alpha=inv)
         if valid is not None:
             logits.masked_fill_(~valid, float("-inf"))
         labels = centre_labels.index_select(0, flat).view(b, k)
@@ -224,13 +251,17 @@ class _KernelLogProbs(torch.autograd.Function):
         class_mass = torch.zeros_like(class_max).scatter_add_(1, labels, e)
         class_lse = class_mass.clamp_min(torch.finfo(class_mass.dtype).tiny).log_().add_(shift)
         class_lse.masked_fill_(~present, float("-inf"))
-        total_lse = torch.logsumexp(class_lse, dim=1, keepdim=True)
-        r = class_lse - total_lse  # log P_c of the present classes (NaN in a row with none)
-        p_present = torch.where(present, r.exp(), torch.zeros_like(r))
-        r = torch.where(present, r, torch.full_like(r, log_min_prob))
+        if authors_floor:  # the absent classes' unnormalised mass is min_prob, then one normalisation
+            p_present = None
+            r = torch.where(present, class_lse, torch.full_like(class_lse, log_min_prob))
+        else:  # normalise over the present classes, then floor the absent ones and renormalise
+            total_lse = torch.logsumexp(class_lse, dim=1, keepdim=True)
+            r = class_lse - total_lse  # log P_c of the present classes (NaN in a row with none)
+            p_present = torch.where(present, r.exp(), torch.zeros_like(r))
+            r = torch.where(present, r, torch.full_like(r, log_min_prob))
         out = r - torch.logsumexp(r, dim=1, keepdim=True)
         s = e.div_(class_mass.gather(1, labels).clamp_min(torch.finfo(e.dtype).tiny))
-        ctx.save_for_backward(centres, idx, labels, s, p_present, present, out)
+        ctx.save_for_backward(f if authors_floor else None, centres, idx, labels, s, p_present, present, out)
         ctx.inv = inv
         ctx.dots_path = dots_path
         ctx.num_theta = theta.shape[0]
@@ -238,17 +269,21 @@ class _KernelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        centres, idx, labels, s, p_present, present, out = ctx.saved_tensors
+        f, centres, idx, labels, s, p_present, present, out = ctx.saved_tensors
         g = grad_out - out.exp() * grad_out.sum(1, keepdim=True)
-        g = g.masked_fill(~present, 0.0)
-        h = g - p_present * g.sum(1, keepdim=True)
+        h = g.masked_fill(~present, 0.0)
+        if p_present is not None:  # normalised floor: through the normalisation over present classes
+            h = h - p_present * h.sum(1, keepdim=True)
         d_logits = s * h.gather(1, labels)
         grad_f = grad_theta = None
         if ctx.needs_input_grad[0]:
-            grad_f = _weighted_centre_rows(d_logits, centres, idx, ctx.dots_path).mul_(2.0 * ctx.inv)
+            grad_f = _weighted_centre_rows(d_logits, centres, idx, ctx.dots_path)
+            if f is not None:  # authors' floor: the -||f||^2 / 2 sigma^2 in every logit
+                grad_f = grad_f - f.to(grad_f.dtype) * d_logits.sum(1, keepdim=True)
+            grad_f = grad_f.mul_(2.0 * ctx.inv)
         if ctx.needs_input_grad[1]:
             grad_theta = d_logits.new_zeros(ctx.num_theta).index_add_(0, idx.reshape(-1), d_logits.reshape(-1))
-        return (grad_f, grad_theta) + (None,) * 9
+        return (grad_f, grad_theta) + (None,) * 10
 
 
 def _neighbour_dots(f: torch.Tensor, centres: torch.Tensor, idx: torch.Tensor, path: str) -> torch.Tensor:
@@ -277,7 +312,11 @@ class NNGKClassifier(nn.Module):
         num_classes: number of classes (may also be given at :meth:`set_centres`).
         sigma: kernel width, fixed (the paper: 10).
         k: number of nearest centres taking part (the paper: 200).
-        min_prob: probability given to a class with no mass before renormalising.
+        min_prob: the floor of a class with no neighbour in the list (1e-10, the authors').
+        class_floor: where that floor applies: ``"authors"`` (to the unnormalised class
+            mass, then one normalisation, as the authors' classifier.py) or
+            ``"normalised"`` (to the probability, after normalising over the classes
+            present: a constant with no gradient). See the module docstring.
         learn_weights: whether the per-centre weights theta_j are trained.
         search_backend: neighbour search, see :func:`mbdml.neighbours.knn_search`.
     """
@@ -289,6 +328,7 @@ class NNGKClassifier(nn.Module):
         k: int = 200,
         *,
         min_prob: float = 1e-10,
+        class_floor: str = "normalised",
         learn_weights: bool = True,
         search_backend: str = "torch",
     ) -> None:
@@ -299,10 +339,13 @@ class NNGKClassifier(nn.Module):
             raise ConfigError(f"K (the number of neighbours) must be at least 1, got {k}; pass --k 200 (the paper's value) or another positive count")
         if not 0 < min_prob < 1:
             raise ConfigError(f"min_prob must be in (0, 1), got {min_prob}")
+        if class_floor not in CLASS_FLOORS:
+            raise ConfigError(f"class_floor {class_floor!r} is not known; choose one of: {', '.join(CLASS_FLOORS)}")
         self.num_classes = num_classes
         self.sigma = float(sigma)
         self.k = int(k)
         self.min_prob = float(min_prob)
+        self.class_floor = class_floor
         self.search_backend = search_backend
         self.log_weights = nn.Parameter(torch.zeros(0), requires_grad=learn_weights)
         self.register_buffer("centres", torch.zeros(0, 0))
@@ -455,9 +498,11 @@ class NNGKClassifier(nn.Module):
         c = int(self.num_classes)
         if k == 0:  # no neighbour at all (a single labelled image): uniform
             return embeddings.new_full((b, c), -math.log(c))
-        # Always float32, also under autocast: distances of nearby embeddings need it.
+        # float32 at least, also under autocast (distances of nearby embeddings need it);
+        # float64 where the centres are (kernel.double(), for exact comparisons)
+        dtype = torch.float64 if self.centres.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self._log_probs_fp32(embeddings.float(), neighbour_indices, valid)
+            return self._log_probs_fp32(embeddings.to(dtype), neighbour_indices, valid)
 
     @torch.no_grad()
     def log_probs_every_centre(self, embeddings: torch.Tensor, block_entries: int = 2**24) -> torch.Tensor:
@@ -503,6 +548,7 @@ class NNGKClassifier(nn.Module):
             math.log(self.min_prob),
             int(self.num_classes),
             path,
+            self.class_floor == "authors",
         )
 
     def _centre_sq_norms(self) -> torch.Tensor:
@@ -546,4 +592,4 @@ class NNGKClassifier(nn.Module):
         return F.nll_loss(self.log_probs(embeddings, neighbour_indices), labels)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, sigma={self.sigma}, k={self.k}, centres={self.num_centres}"
+        return f"num_classes={self.num_classes}, sigma={self.sigma}, k={self.k}, class_floor={self.class_floor}, centres={self.num_centres}"

@@ -300,7 +300,9 @@ def _complement(n: int, chosen: torch.Tensor) -> torch.Tensor:
 def build_components(cfg: RunConfig, in_channels: int, num_classes: int, pretrained: str | bool | None = None) -> tuple[EmbeddingNet, NNGKClassifier, Method]:
     """The embedding model, the kernel classifier and the method a configuration asks for."""
     model = build_model(cfg.model, in_channels=in_channels, embedding_dim=cfg.embedding_dim, pretrained=pretrained, width=cfg.width, normalize=cfg.normalize_embeddings, freeze_stages=cfg.freeze_stages)
-    kernel = NNGKClassifier(num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, learn_weights=cfg.learn_kernel_weights, search_backend=cfg.search)
+    kernel = NNGKClassifier(
+        num_classes=num_classes, sigma=cfg.sigma, k=cfg.k, class_floor=cfg.class_floor, learn_weights=cfg.learn_kernel_weights, search_backend=cfg.search
+    )
     options = MethodOptions(
         scale_mixup=float(cfg.scale_mixup if cfg.scale_mixup is not None else 1.0),
         beta=cfg.beta,
