@@ -297,6 +297,7 @@ def test_write_report_writes_every_file(results: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     paths = write_report(results, out)
     names = {f"table_{s}.{e}" for s in ("final", "best_val") for e in ("md", "csv", "tex", "txt")}
+    names |= {f"paired_{s}.{e}" for s in ("final", "best_val") for e in ("md", "csv", "txt")}
     names |= {"table_authors_best_on_test.md", "runs.csv"}
     assert set(paths) == names
     for name, p in paths.items():
@@ -323,7 +324,8 @@ def test_write_report_writes_every_file(results: Path, tmp_path: Path) -> None:
 def test_report_text(results: Path) -> None:
     t = report_text(results)
     assert "final model" in t and "best validation" in t
-    assert t.count("Method") == 2
+    assert t.count("Method") == 4  # two tables of means, each followed by its paired differences
+    assert t.count("over the runs on the same splits") == 2  # the paired tables' titles
     vals = _from_files(results, "final", "nngk_acc")[("mbdml2", "cifar10")]
     assert f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}" in t
 
@@ -348,3 +350,81 @@ def test_paper_table() -> None:
         for ds, (mean, std) in row.items():
             assert f"{mean:.2f} ± {std:.2f}" in text
             assert cells[(method, ds)].mean == pytest.approx(mean / 100)
+
+
+# ----------------------------------------------------------------------------- paired
+
+
+def _paired_results(root: Path) -> Path:
+    """digits: nngk and two methods over 4 runs, known per-run figures; mbdml1 lacks run 3.
+
+    test: mbdml2 - nngk = +1.0, +1.2, +0.8, +1.0 points (interval excludes 0);
+          mbdml1 - nngk = +2, -2, +1 points over runs 0-2 (level).
+    validation (final.val_acc): mbdml2 - nngk = 0, 0, 0, 0 (level, p = 1).
+    """
+    test = {"nngk": [0.80, 0.70, 0.75, 0.78], "mbdml2": [0.81, 0.712, 0.758, 0.79], "mbdml1": [0.82, 0.68, 0.76, None]}
+    val = {"nngk": [0.9, 0.8, 0.85, 0.88], "mbdml2": [0.9, 0.8, 0.85, 0.88], "mbdml1": [0.91, 0.8, 0.86, None]}
+    for m in test:
+        for r in range(4):
+            if test[m][r] is None:
+                continue
+            s = _summary("digits", m, r, test[m][r], test[m][r])
+            s["final"]["val_acc"] = val[m][r]
+            d = root / "digits" / m / f"run{r}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps(s))
+    return root
+
+
+def test_paired_comparisons_known_answers(tmp_path: Path) -> None:
+    from mbdml.report import paired_comparisons
+
+    records = collect_runs(_paired_results(tmp_path / "r"))
+    paired = paired_comparisons(records, reference="nngk")
+    assert set(paired) == {("mbdml1", "digits"), ("mbdml2", "digits")}
+    m2 = paired[("mbdml2", "digits")]
+    assert m2["test"].n == 4 and m2["test"].mean == pytest.approx(0.01)
+    assert not m2["test"].level and m2["test"].verdict == "higher"
+    assert m2["test"].p_value == pytest.approx(2 / 16)
+    assert m2["val"].mean == pytest.approx(0.0) and m2["val"].level and m2["val"].p_value == 1.0
+    m1 = paired[("mbdml1", "digits")]
+    assert m1["test"].runs == (0, 1, 2) and m1["test"].mean == pytest.approx(1 / 300)
+    assert m1["test"].level
+    # Against mbdml2 instead: nngk is now a row, 0.01 lower.
+    other = paired_comparisons(records, reference="mbdml2")
+    assert other[("nngk", "digits")]["test"].verdict == "lower"
+
+
+def test_paired_tables_mark_only_intervals_that_exclude_zero(tmp_path: Path) -> None:
+    from mbdml.report import format_paired, paired_comparisons
+
+    paired = paired_comparisons(collect_runs(_paired_results(tmp_path / "r")), reference="nngk")
+    text = format_paired(paired, "nngk", style="text")
+    row2 = next(line for line in text.splitlines() if line.startswith("MbDML2"))
+    row1 = next(line for line in text.splitlines() if line.startswith("MbDML1"))
+    assert "+1.00 [" in row2 and row2.rstrip().endswith("*")  # test: excludes 0
+    assert "+0.00" in row2 and "level" in row2  # validation: level
+    assert "*" not in row1 and row1.count("level") == 2
+    md = format_paired(paired, "nngk", style="markdown")
+    assert md.count("**") == 2  # one bold cell: MbDML2's test difference
+    rows = list(csv.DictReader(io.StringIO(format_paired(paired, "nngk", style="csv"))))
+    assert {(r["method"], r["on"], r["verdict"]) for r in rows} == {
+        ("mbdml2", "val", "level"), ("mbdml2", "test", "higher"), ("mbdml1", "val", "level"), ("mbdml1", "test", "level")}
+    none = format_paired(paired_comparisons(collect_runs(tmp_path / "r"), reference="softmax"), "softmax")
+    assert "--reference" in none
+
+
+def test_best_marking_includes_the_methods_level_with_the_best(tmp_path: Path) -> None:
+    cells = aggregate(collect_runs(_paired_results(tmp_path / "r")), "final", "nngk_acc")
+    text = format_table(cells, style="text")
+    marked = {line.split()[0] for line in text.splitlines() if line.rstrip().endswith("*") and line.startswith("  ")}
+    # mbdml2 has the best mean; mbdml1 is level with it (its 3 paired runs disagree);
+    # nngk is 1 point below mbdml2 on every run: not marked, though level with mbdml1.
+    assert marked == {"MbDML1", "MbDML2"}
+
+
+def test_write_report_writes_the_paired_tables(tmp_path: Path) -> None:
+    paths = write_report(_paired_results(tmp_path / "r"), tmp_path / "out", reference="nngk")
+    for name in ("paired_final.md", "paired_final.csv", "paired_final.txt", "paired_best_val.md"):
+        assert name in paths and paths[name].read_text()
+    assert "paired difference against NNGK" in report_text(tmp_path / "r")

@@ -257,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runs", type=int, default=10, help="runs per method and data set, each on its own seeded split (default 10)")
     g.add_argument("--results_dir", default="results/compare", help="where runs, tables and plots go (default results/compare)")
     g.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    g.add_argument("--reference", default="nngk", help="the method every other is compared with at the end, paired by run (default nngk)")
     _add_train_options(p, single_run=False)
 
     p = sub.add_parser("report", help="rebuild the comparison tables and plots of a results folder without training")
     p.add_argument("results_dir")
+    p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run (default nngk)")
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
@@ -285,7 +287,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Preset (or --config file) < explicit flags. Returns a RunConfig, not yet resolved."""
     from .config import RunConfig, make_config
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs", "nproc")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs", "nproc", "reference")}
     if "gpu_id" in given:
         gpu = given.pop("gpu_id")
         if given.get("device", "cuda") not in ("cuda", "auto"):
@@ -411,8 +413,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    paths = compare(base, datasets, _method_list(args.methods), runs=args.runs, results_dir=args.results_dir, jobs=args.jobs, progress=getattr(args, "progress", True))
-    print(report_text(args.results_dir))
+    paths = compare(
+        base, datasets, _method_list(args.methods), runs=args.runs, results_dir=args.results_dir, jobs=args.jobs,
+        progress=getattr(args, "progress", True), reference=args.reference,
+    )
+    print(report_text(args.results_dir, reference=args.reference))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -421,8 +426,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .experiment import write_outputs
     from .report import report_text
 
-    paths = write_outputs(args.results_dir)
-    print(report_text(args.results_dir))
+    paths = write_outputs(args.results_dir, reference=args.reference)
+    print(report_text(args.results_dir, reference=args.reference))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

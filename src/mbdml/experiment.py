@@ -160,8 +160,10 @@ def compare(
     jobs: int = 1,
     progress: bool = True,
     on_run_end: Callable[[Job, dict[str, Any]], None] | None = None,
+    reference: str = "nngk",
 ) -> dict[str, Path]:
-    """Run the whole comparison (skipping finished runs), then write tables and plots."""
+    """Run the whole comparison (skipping finished runs), then write tables and plots
+    (each method paired by run against ``reference``)."""
     results_dir = Path(results_dir)
     all_jobs = plan(base, datasets, methods, runs, results_dir)
     states = {job.label: _check_existing(job) for job in all_jobs}
@@ -201,7 +203,7 @@ def compare(
     log.info("comparison finished in %.0f s", time.perf_counter() - t0)
     if failures:
         raise ConfigError(f"{len(failures)} run(s) failed; fix the cause and run the same command again to finish them: " + "; ".join(failures))
-    return write_outputs(results_dir)
+    return write_outputs(results_dir, reference=reference)
 
 
 def _done(bar: Any, job: Job, summary: dict[str, Any], on_run_end: Callable[[Job, dict[str, Any]], None] | None) -> None:
@@ -213,15 +215,16 @@ def _done(bar: Any, job: Job, summary: dict[str, Any], on_run_end: Callable[[Job
         on_run_end(job, summary)
 
 
-def write_outputs(results_dir: str | Path) -> dict[str, Path]:
-    """The comparison tables and, per data set, accuracy curves with a band over runs."""
+def write_outputs(results_dir: str | Path, reference: str = "nngk") -> dict[str, Path]:
+    """The comparison tables (with each method paired by run against ``reference``) and,
+    per data set, accuracy curves with a band over runs."""
     import csv
 
     from .plots import plot_method_curves
     from .report import collect_runs, write_report
 
     results_dir = Path(results_dir)
-    paths = write_report(results_dir)
+    paths = write_report(results_dir, reference=reference)
     curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
     for rec in collect_runs(results_dir):
         metrics = results_dir / rec.dataset / rec.method / f"run{rec.run}" / "metrics.csv"

@@ -13,8 +13,17 @@ the command line to print. :data:`PAPER_TABLE` holds the paper's own numbers, an
 Cells are keyed by ``(method, dataset)`` and hold fractions in [0, 1], as the
 summaries do; the tables show them in percent.
 
-This module is a bottom floor: it imports nothing from mbdml but the errors, and
-prints nothing.
+Beside the means, :func:`paired_comparisons` gives each method's paired difference
+against a reference method (NNGK by default) over the runs both have (run r of every
+method trains on the same split), on the validation figure and on the test figure,
+with a 95% interval and a sign-flip test (:mod:`mbdml.paired`);
+:func:`format_paired` lays them out and marks only the differences whose interval
+excludes 0. The best-mean marking of :func:`format_table` also marks the methods that
+are level with the best (their paired interval against it holds 0), as the paper
+highlights "similar and the most accurate results".
+
+This module is a bottom floor: it imports nothing from mbdml but the errors and
+:mod:`mbdml.paired`, and prints nothing.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mbdml.errors import DataError
+from mbdml.paired import PairedDifference, paired_difference
 
 __all__ = [
     "DATASET_NAMES",
@@ -46,7 +56,9 @@ __all__ = [
     "RunRecord",
     "aggregate",
     "collect_runs",
+    "format_paired",
     "format_table",
+    "paired_comparisons",
     "paper_cells",
     "report_text",
     "write_report",
@@ -161,6 +173,7 @@ class Cell:
     std: float
     n: int
     values: list[float] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)  # the run index of each value (its split), when known
 
 
 def collect_runs(results_dir: str | Path) -> list[RunRecord]:
@@ -218,11 +231,11 @@ def _lookup(summary: Mapping[str, Any], selection: str, metric: str) -> float | 
     return _number(part.get(metric))
 
 
-def _cell(values: Sequence[float]) -> Cell:
+def _cell(values: Sequence[float], runs: Sequence[int] = ()) -> Cell:
     vals = list(values)
     mean = statistics.mean(vals)
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return Cell(mean, std, len(vals), vals)
+    return Cell(mean, std, len(vals), vals, list(runs))
 
 
 def aggregate(records: Iterable[RunRecord], selection: str = "final", metric: str = "nngk_acc") -> dict[tuple[str, str], Cell]:
@@ -239,7 +252,7 @@ def aggregate(records: Iterable[RunRecord], selection: str = "final", metric: st
         v = _lookup(r.summary, selection, metric)
         if v is not None:
             groups.setdefault((r.method, r.dataset), []).append((r.run, v))
-    return {key: _cell([v for _, v in sorted(runs)]) for key, runs in sorted(groups.items())}
+    return {key: _cell([v for _, v in sorted(runs)], [r for r, _ in sorted(runs)]) for key, runs in sorted(groups.items())}
 
 
 def paper_cells() -> dict[tuple[str, str], Cell]:
@@ -284,12 +297,25 @@ def _datasets(cells: Mapping[tuple[str, str], Cell], datasets: Sequence[str] | N
 
 
 def _best(cells: Mapping[tuple[str, str], Cell], methods: Sequence[str], ds: str) -> set[str]:
-    """Methods whose mean, as shown (percent, 2 decimals), is the highest in column ``ds``."""
+    """The methods of column ``ds`` with the highest mean as shown (percent, 2 decimals),
+    and those level with one of them: their paired difference against it, over the runs
+    both have, has a 95% interval that holds 0 (cells without run indices: means only)."""
     shown = {m: round(100.0 * cells[(m, ds)].mean, 2) for m in methods if (m, ds) in cells}
     if not shown:
         return set()
     top = max(shown.values())
-    return {m for m, v in shown.items() if v == top}
+    best = {m for m, v in shown.items() if v == top}
+    level = set()
+    for m in shown.keys() - best:
+        for b in best:
+            d = paired_difference(_by_run(cells[(m, ds)]), _by_run(cells[(b, ds)]))
+            if d is not None and d.n > 1 and d.level:
+                level.add(m)
+    return best | level
+
+
+def _by_run(cell: Cell) -> dict[int, float]:
+    return dict(zip(cell.runs, cell.values)) if len(cell.runs) == len(cell.values) else {}
 
 
 def _latex_escape(s: str) -> str:
@@ -389,7 +415,7 @@ def _text_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str,
     if not body:
         lines.append("(no results)")
     elif any(best.values()):
-        lines += [rule, "* best mean of the column"]
+        lines += [rule, "* best mean of the column, and the methods level with it (paired 95% interval holds 0)"]
     return "\n".join(lines) + "\n"
 
 
@@ -429,6 +455,107 @@ def _latex_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- paired
+
+PAIRED_ON: tuple[tuple[str, str], ...] = (("val", "validation"), ("test", "test"))
+_Paired = Mapping[tuple[str, str], Mapping[str, "PairedDifference | None"]]
+
+
+def paired_comparisons(
+    records: Iterable[RunRecord], reference: str = "nngk", selection: str = "final", metric: str = "nngk_acc"
+) -> dict[tuple[str, str], dict[str, PairedDifference | None]]:
+    """Each method's paired difference against ``reference``, per data set.
+
+    Keyed by ``(method, dataset)``; each value maps ``"val"`` (the validation accuracy
+    of the selected model, ``summary[selection]["val_acc"]``) and ``"test"``
+    (``summary[selection][metric]``) to a :class:`~mbdml.paired.PairedDifference`
+    over the runs both methods have (run r: the same split), or None where they share
+    no run. Data sets without the reference are left out.
+    """
+    if selection not in ("final", "best_val"):
+        raise ValueError(f"paired comparisons are for the final or best_val model, not {selection!r}")
+    figures: dict[tuple[str, str], dict[str, dict[int, float | None]]] = {}
+    for r in records:
+        f = figures.setdefault((r.method, r.dataset), {"val": {}, "test": {}})
+        f["val"][r.run] = _lookup(r.summary, selection, "val_acc")
+        f["test"][r.run] = _lookup(r.summary, selection, metric)
+    out: dict[tuple[str, str], dict[str, PairedDifference | None]] = {}
+    for (method, ds), f in sorted(figures.items()):
+        ref = figures.get((reference, ds))
+        if method == reference or ref is None:
+            continue
+        out[(method, ds)] = {on: paired_difference(f[on], ref[on]) for on, _ in PAIRED_ON}
+    return out
+
+
+def format_paired(paired: _Paired, reference: str, style: str = "text", title: str = "") -> str:
+    """A row per method, a column per data set and figure (validation, test): the mean
+    paired difference against ``reference`` in points, its 95% interval and the
+    sign-flip p-value. Only intervals that exclude 0 are marked (text: ``*``,
+    markdown: bold); ``level`` is written where the interval holds 0. ``style``:
+    ``"text"``, ``"markdown"`` or ``"csv"`` (raw fractions)."""
+    if style not in ("text", "markdown", "csv"):
+        raise ValueError(f"unknown paired-table style {style!r}; use text, markdown or csv")
+    datasets = sorted({ds for _, ds in paired})
+    layout = _layout(m for m, _ in paired)
+    if style == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["method", "reference", "dataset", "on", "n", "mean", "ci_low", "ci_high", "p_value", "verdict"])
+        for _, methods in layout:
+            for m in methods:
+                for ds in datasets:
+                    for on, _ in PAIRED_ON:
+                        d = paired.get((m, ds), {}).get(on)
+                        if d is not None:
+                            w.writerow([m, reference, ds, on, d.n, repr(d.mean), "" if d.ci_low is None else repr(d.ci_low),
+                                        "" if d.ci_high is None else repr(d.ci_high), repr(d.p_value), d.verdict])
+        return buf.getvalue()
+    head = ["Method"] + [f"{DATASET_NAMES.get(ds, ds)} {name}" for ds in datasets for _, name in PAIRED_ON]
+    rows: list[list[str]] = []
+    for _, methods in layout:
+        for m in methods:
+            row = [METHOD_NAMES.get(m, m)]
+            for ds in datasets:
+                for on, _ in PAIRED_ON:
+                    d = paired.get((m, ds), {}).get(on)
+                    if d is None:
+                        row.append("-")
+                        continue
+                    text = d.format() + ("" if d.ci_low is None else f" n={d.n}")
+                    if style == "markdown":
+                        row.append(text if d.level else f"**{text}**")
+                    else:
+                        row.append(text + (" level" if d.level else " *"))
+            rows.append(row)
+    lines = []
+    if style == "markdown":
+        lines += [f"### {title}", ""] if title else []
+        lines.append("| " + " | ".join(_md_escape(h) for h in head) + " |")
+        lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|")
+        lines += ["| " + " | ".join(_md_escape(x) for x in row) + " |" for row in rows]
+        lines += ["", f"Paired difference against {METHOD_NAMES.get(reference, reference)} in points, 95% interval, "
+                  "sign-flip p-value; bold where the interval excludes 0."]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join([r[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(r[1:], widths[1:])]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    lines += ([title] if title else []) + [line(head), rule] + [line(r) for r in rows]
+    if not rows:
+        lines.append(f"(no method shares runs with the reference {reference}; pass --reference with a method of these results)")
+    lines += [rule, f"paired difference against {METHOD_NAMES.get(reference, reference)} in points [95% interval] p: "
+              "* the interval excludes 0; level: it holds 0"]
+    return "\n".join(lines) + "\n"
+
+
+def _paired_title(selection: str, reference: str, metric: str) -> str:
+    return (f"{_METRIC_NAMES.get(metric, metric)} (test) and validation accuracy of the {_SELECTION_TITLES[selection]}: "
+            f"paired difference against {METHOD_NAMES.get(reference, reference)} over the runs on the same splits")
+
+
 # ----------------------------------------------------------------------------- reports
 
 
@@ -459,12 +586,14 @@ def _runs_csv(records: Sequence[RunRecord]) -> str:
     return buf.getvalue()
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc") -> dict[str, Path]:
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc", reference: str = "nngk") -> dict[str, Path]:
     """Write the tables of the runs under ``results_dir`` into ``out_dir`` (default: the same).
 
     Files: ``table_final.{md,csv,tex,txt}``, ``table_best_val.{md,csv,tex,txt}``,
     ``table_authors_best_on_test.md`` (always NNGK accuracy, the only metric it
-    has) and ``runs.csv`` (a row per run). Returns the paths keyed by file name.
+    has), ``paired_final.{md,csv,txt}`` and ``paired_best_val.{md,csv,txt}`` (each
+    method against ``reference``, paired by run) and ``runs.csv`` (a row per run).
+    Returns the paths keyed by file name.
     """
     records = collect_runs(results_dir)
     out = Path(results_dir if out_dir is None else out_dir)
@@ -481,6 +610,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, met
             files[f"table_{selection}.{suffix}"] = format_table(cells, style=style, title=title)
     cells = aggregate(records, "authors_best_on_test", "nngk_acc")
     files["table_authors_best_on_test.md"] = format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells))
+    for selection in ("final", "best_val"):
+        paired = paired_comparisons(records, reference, selection, metric)
+        title = _paired_title(selection, reference, metric)
+        for suffix, style in (("md", "markdown"), ("csv", "csv"), ("txt", "text")):
+            files[f"paired_{selection}.{suffix}"] = format_paired(paired, reference, style=style, title=title)
     files["runs.csv"] = _runs_csv(records)
     paths: dict[str, Path] = {}
     for name, text in files.items():
@@ -493,11 +627,14 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, met
     return paths
 
 
-def report_text(results_dir: str | Path, metric: str = "nngk_acc") -> str:
-    """The text tables of the final model and of the best-on-validation model, for printing."""
+def report_text(results_dir: str | Path, metric: str = "nngk_acc", reference: str = "nngk") -> str:
+    """The text tables of the final model and of the best-on-validation model, each
+    followed by its paired differences against ``reference``, for printing."""
     records = collect_runs(results_dir)
     parts = []
     for selection in ("final", "best_val"):
         cells = aggregate(records, selection, metric)
         parts.append(format_table(cells, style="text", title=_title(selection, metric, cells)))
+        paired = paired_comparisons(records, reference, selection, metric)
+        parts.append(format_paired(paired, reference, style="text", title=_paired_title(selection, reference, metric)))
     return "\n".join(parts)
