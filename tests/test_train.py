@@ -4,6 +4,8 @@ import copy
 import csv
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +138,12 @@ def test_saved_configuration_reruns_the_run_exactly(tmp_path):
     assert again["final"] == first.summary["final"]
     env = json.loads((first.run_dir / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["mbdml"]
+    # the source commit that ran, so that a figure names its commit
+    from mbdml.train import source_commit
+
+    assert env["commit"] == source_commit()
+    if (Path(__file__).resolve().parents[1] / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", env["commit"])
 
 
 def test_bf16_autocast_run_learns(tmp_path):

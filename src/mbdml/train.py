@@ -98,6 +98,7 @@ def environment_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": cpu_model_name(),
         "cpu_capability": cpu_description(),
+        "commit": source_commit(),
     }
     for mod in ("pytorch_metric_learning", "sklearn", "PIL", "faiss"):
         try:
@@ -105,6 +106,23 @@ def environment_info() -> dict[str, Any]:
         except Exception:
             info[mod] = None
     return info
+
+
+def source_commit() -> str | None:
+    """The git commit of the mbdml source tree that runs (with ``-dirty`` when it has
+    uncommitted changes), or None outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def learning_rate_at(cfg: RunConfig, step: int, total_steps: int) -> float:
