@@ -428,3 +428,31 @@ def test_write_report_writes_the_paired_tables(tmp_path: Path) -> None:
     for name in ("paired_final.md", "paired_final.csv", "paired_final.txt", "paired_best_val.md"):
         assert name in paths and paths[name].read_text()
     assert "paired difference against NNGK" in report_text(tmp_path / "r")
+
+
+def test_results_document_from_the_run_files(tmp_path: Path) -> None:
+    """docs/results.md is written by `mbdml report --doc` from the run files: the
+    commands, commit, CPU, dates and minutes come from environment.json and summary.json."""
+    from mbdml.cli import main
+
+    root = _paired_results(tmp_path / "digits-table")
+    for i, env_path in enumerate(sorted(root.glob("*/*/run*"))):
+        (env_path / "environment.json").write_text(json.dumps({
+            "command": "/x/.venv/lib/python3.11/site-packages/mbdml/__main__.py compare --datasets digits --runs 4",
+            "commit": "a" * 40, "cpu": "Test CPU", "cpu_capability": "AVX2", "threads": 2, "device": "cpu", "torch": "2.13.0"}))
+        s = json.loads((env_path / "summary.json").read_text())
+        s["seconds"] = 60.0 * (1 + i % 3)
+        s["finished"] = f"2026-12-0{1 + i % 2}T10:00:00+0000"
+        (env_path / "summary.json").write_text(json.dumps(s))
+    doc = tmp_path / "docs" / "results.md"
+    assert main(["report", str(root), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Results") and f"mbdml report {root} --doc {doc}" in text
+    assert "    mbdml compare --datasets digits --runs 4" in text
+    assert f"`{'a' * 40}`" in text and "Test CPU (AVX2), 2 threads, cpu" in text
+    assert "2026-12-01 to 2026-12-02" in text and "minutes per run" in text
+    assert "paired difference against NNGK" in text.replace("Paired difference", "paired difference")
+    assert "**+1.00 [+0.74, +1.26] p=0.12 n=4**" in text  # MbDML2's test difference, the one marked
+    # a --doc path that cannot be written: one line, exit status 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["report", str(root), "--doc", str(tmp_path / "afile" / "results.md")]) == 2

@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reference", default="nngk", help="the method every other is compared with at the end, paired by run (default nngk)")
     _add_train_options(p, single_run=False)
 
-    p = sub.add_parser("report", help="rebuild the comparison tables and plots of a results folder without training")
-    p.add_argument("results_dir")
+    p = sub.add_parser("report", help="rebuild the comparison tables and plots of results folders without training")
+    p.add_argument("results_dir", nargs="+", help="one or more folders written by 'mbdml compare'")
+    p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences, commands, commit, CPU and minutes (e.g. docs/results.md)")
     p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run (default nngk)")
 
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
@@ -424,11 +425,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .experiment import write_outputs
-    from .report import report_text
+    from .report import report_text, results_document
 
-    paths = write_outputs(args.results_dir, reference=args.reference)
-    print(report_text(args.results_dir, reference=args.reference))
-    print("written: " + ", ".join(str(p) for p in paths.values()))
+    written: list[str] = []
+    for folder in args.results_dir:
+        paths = write_outputs(folder, reference=args.reference)
+        print(report_text(folder, reference=args.reference))
+        written += [str(p) for p in paths.values()]
+    if args.doc is not None:
+        words = ["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else []) + ["--doc", args.doc]
+        doc = Path(args.doc)
+        blocking = next((p for p in doc.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"cannot write {doc}: {blocking} is a file, not a folder; give another --doc path")
+        try:
+            doc.parent.mkdir(parents=True, exist_ok=True)
+            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words)), encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot write {doc} ({e.strerror or e}); give a writable --doc path") from None
+        written.append(str(doc))
+    print("written: " + ", ".join(written))
     return 0
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "paired_comparisons",
     "paper_cells",
     "report_text",
+    "results_document",
     "write_report",
 ]
 
@@ -163,6 +164,7 @@ class RunRecord:
     method: str
     run: int
     summary: dict[str, Any]
+    environment: dict[str, Any] = field(default_factory=dict)  # the run's environment.json, when readable
 
 
 @dataclass
@@ -205,7 +207,7 @@ def collect_runs(results_dir: str | Path) -> list[RunRecord]:
         if not isinstance(summary, dict):
             log.warning("skipping %s: not a JSON object; rerun that run to rewrite it", path)
             continue
-        records.append(RunRecord(path.parents[2].name, path.parents[1].name, int(m.group(1)), summary))
+        records.append(RunRecord(path.parents[2].name, path.parents[1].name, int(m.group(1)), summary, _environment(path.parent)))
     if not records:
         detail = f"its {found} summary.json files are all unreadable" if found else "it holds no <dataset>/<method>/run<r>/summary.json"
         raise DataError(
@@ -214,6 +216,15 @@ def collect_runs(results_dir: str | Path) -> list[RunRecord]:
         )
     records.sort(key=lambda r: (r.dataset, r.method, r.run))
     return records
+
+
+def _environment(run_dir: Path) -> dict[str, Any]:
+    """A run's environment.json (versions, command, CPU, commit), or {} when unreadable."""
+    try:
+        env = json.loads((run_dir / "environment.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
 
 
 def _number(v: Any) -> float | None:
@@ -638,3 +649,76 @@ def report_text(results_dir: str | Path, metric: str = "nngk_acc", reference: st
         paired = paired_comparisons(records, reference, selection, metric)
         parts.append(format_paired(paired, reference, style="text", title=_paired_title(selection, reference, metric)))
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- the results document
+
+
+def _command(env: Mapping[str, Any]) -> str | None:
+    """The run's command line as a user types it (``mbdml ...``), from environment.json."""
+    cmd = env.get("command")
+    if not isinstance(cmd, str) or not cmd.strip():
+        return None
+    words = cmd.split()
+    for i, w in enumerate(words):  # .../mbdml/__main__.py, .../bin/mbdml, -m mbdml
+        if w.endswith(("mbdml/__main__.py", "/mbdml")) or w == "mbdml":
+            return " ".join(["mbdml"] + words[i + 1 :])
+    return cmd
+
+
+def _distinct(values: Iterable[Any]) -> list[str]:
+    return sorted({str(v) for v in values if v not in (None, "")})
+
+
+def _provenance(records: Sequence[RunRecord]) -> list[str]:
+    """Commands, commits, machines, dates and minutes per run of these runs, as Markdown lines."""
+    envs = [r.environment for r in records]
+    commands = _distinct(_command(e) for e in envs)
+    commits = _distinct(e.get("commit") for e in envs)
+    machines = _distinct(
+        f"{e.get('cpu', '?')} ({e.get('cpu_capability', '?')}), {e.get('threads', '?')} threads, {e.get('device', '?')}, torch {e.get('torch', '?')}"
+        for e in envs if e
+    )
+    dates = _distinct(str(r.summary.get("finished", ""))[:10] for r in records)
+    lines = ["Commands:", ""] + [f"    {c}" for c in commands or ["(not recorded)"]] + [""]
+    lines.append(f"- commit: {', '.join(f'`{c}`' for c in commits) or 'not recorded'}")
+    lines.append(f"- machine: {'; '.join(machines) or 'not recorded'}")
+    lines.append(f"- finished: {dates[0] + (' to ' + dates[-1] if len(dates) > 1 else '') if dates else 'not recorded'}")
+    minutes: dict[str, list[float]] = {}
+    for r in records:
+        sec = _number(r.summary.get("seconds"))
+        if sec is not None:
+            minutes.setdefault(r.method, []).append(sec / 60.0)
+    if minutes:
+        per = [f"{METHOD_NAMES.get(m, m)} {statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" for m, v in sorted(minutes.items())]
+        lines.append(f"- minutes per run, mean (range): {', '.join(per)}")
+    return lines + [""]
+
+
+def results_document(results_dirs: Sequence[str | Path], reference: str = "nngk", metric: str = "nngk_acc",
+                     command: str | None = None) -> str:
+    """A Markdown page of the tables of several results folders, written from their run files.
+
+    For each folder: how its runs were made (commands, commit, machine, dates, minutes
+    per run, all read from the runs' environment.json and summary.json), the tables of
+    the final and the best-on-validation model, the paired differences against
+    ``reference``, and the authors' best-on-test figure as a marked extra. ``command``
+    is the command that wrote the page, named at its top.
+    """
+    out = ["# Results", ""]
+    if command:
+        out += [f"Written by `{command}` from the run summaries; do not edit by hand.", ""]
+    for folder in results_dirs:
+        records = collect_runs(folder)
+        out += [f"## {Path(folder).as_posix()}", ""]
+        out += _provenance(records)
+        for selection in ("final", "best_val"):
+            cells = aggregate(records, selection, metric)
+            out.append(format_table(cells, style="markdown", title=_title(selection, metric, cells)))
+            paired = paired_comparisons(records, reference, selection, metric)
+            if paired:
+                out.append(format_paired(paired, reference, style="markdown", title=_paired_title(selection, reference, metric)))
+        cells = aggregate(records, "authors_best_on_test", "nngk_acc")
+        if cells:
+            out.append(format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells), mark_best=False))
+    return "\n".join(out).rstrip() + "\n"

@@ -974,6 +974,7 @@ class Trainer:
             },
             **({"self_training": self.teacher_stats} if self.teacher_stats else {}),
             "seconds": seconds,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "train_seconds_per_epoch": sum(train_times) / len(train_times) if train_times else None,
             "processes": self.dist.world_size,
             "run_dir": str(self.run_dir),
