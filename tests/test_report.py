@@ -456,3 +456,23 @@ def test_results_document_from_the_run_files(tmp_path: Path) -> None:
     # a --doc path that cannot be written: one line, exit status 2
     (tmp_path / "afile").write_text("x")
     assert main(["report", str(root), "--doc", str(tmp_path / "afile" / "results.md")]) == 2
+
+
+def test_paired_between_two_folders_that_differ_in_one_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The same methods in two folders (e.g. two class floors): paired by run."""
+    from mbdml.cli import main
+    from mbdml.report import paired_between
+
+    a = _paired_results(tmp_path / "a")
+    b = _paired_results(tmp_path / "b")
+    for p in (b / "digits" / "mbdml2").glob("run*/summary.json"):  # b's mbdml2 is 0.5 point lower on test
+        s = json.loads(p.read_text())
+        s["final"]["nngk_acc"] -= 0.005
+        p.write_text(json.dumps(s))
+    paired = paired_between(collect_runs(a), collect_runs(b))
+    assert paired[("mbdml2", "digits")]["test"].mean == pytest.approx(0.005)
+    assert paired[("mbdml2", "digits")]["test"].verdict == "higher"
+    assert paired[("nngk", "digits")]["test"].mean == pytest.approx(0.0) and paired[("nngk", "digits")]["test"].level
+    assert main(["report", str(a), "--versus", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"{a} against {b}, final model" in out and "+0.50 [+0.50, +0.50]" in out

@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild the comparison tables and plots of results folders without training")
     p.add_argument("results_dir", nargs="+", help="one or more folders written by 'mbdml compare'")
+    p.add_argument("--versus", default=None, help="another results folder made with one setting changed: each method is paired by run against the same method there")
     p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences, commands, commit, CPU and minutes (e.g. docs/results.md)")
     p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run (default nngk)")
 
@@ -432,6 +433,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         paths = write_outputs(folder, reference=args.reference)
         print(report_text(folder, reference=args.reference))
         written += [str(p) for p in paths.values()]
+    if args.versus is not None:
+        from .report import collect_runs, format_paired, paired_between
+
+        others = collect_runs(args.versus)
+        for folder in args.results_dir:
+            records = collect_runs(folder)
+            for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
+                title = f"{folder} against {args.versus}, {what}: paired difference over the runs on the same splits"
+                print(format_paired(paired_between(records, others, selection), args.versus, style="text", title=title))
     if args.doc is not None:
         words = ["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else []) + ["--doc", args.doc]
         doc = Path(args.doc)

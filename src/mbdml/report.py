@@ -58,6 +58,7 @@ __all__ = [
     "collect_runs",
     "format_paired",
     "format_table",
+    "paired_between",
     "paired_comparisons",
     "paper_cells",
     "report_text",
@@ -497,6 +498,27 @@ def paired_comparisons(
             continue
         out[(method, ds)] = {on: paired_difference(f[on], ref[on]) for on, _ in PAIRED_ON}
     return out
+
+
+def paired_between(
+    records: Iterable[RunRecord], others: Iterable[RunRecord], selection: str = "final", metric: str = "nngk_acc"
+) -> dict[tuple[str, str], dict[str, PairedDifference | None]]:
+    """Each method of ``records`` against the same method of ``others`` (two results
+    folders made with one setting changed, e.g. two class floors), paired by run: the
+    same keys and values as :func:`paired_comparisons`."""
+    if selection not in ("final", "best_val"):
+        raise ValueError(f"paired comparisons are for the final or best_val model, not {selection!r}")
+
+    def figures(recs: Iterable[RunRecord]) -> dict[tuple[str, str], dict[str, dict[int, float | None]]]:
+        out: dict[tuple[str, str], dict[str, dict[int, float | None]]] = {}
+        for r in recs:
+            f = out.setdefault((r.method, r.dataset), {"val": {}, "test": {}})
+            f["val"][r.run] = _lookup(r.summary, selection, "val_acc")
+            f["test"][r.run] = _lookup(r.summary, selection, metric)
+        return out
+
+    ours, theirs = figures(records), figures(others)
+    return {key: {on: paired_difference(f[on], theirs[key][on]) for on, _ in PAIRED_ON} for key, f in sorted(ours.items()) if key in theirs}
 
 
 def format_paired(paired: _Paired, reference: str, style: str = "text", title: str = "") -> str:
