@@ -206,3 +206,37 @@ def test_check_every_class_labelled() -> None:
     assert "'b'" in msg and "'d'" in msg and "'a'" not in msg and "raise the labelled fraction" in msg
     with pytest.raises(DataError, match="class 5"):  # a class with no image at all
         check_every_class_labelled(labels, torch.arange(6), 6, None)
+
+
+# ----------------------------------------------------------------- cross-validation
+def test_cross_validation_folds_are_disjoint_stratified_and_cover_the_labelled_images():
+    from mbdml.data.split import cross_validation_split
+
+    labels = torch.arange(1000) % 10
+    labelled = labelled_split(labels, 0.1, seed=3)
+    vals = []
+    for f in range(5):
+        train, val = cross_validation_split(labels, labelled, 5, f, seed=3)
+        assert torch.equal(torch.sort(torch.cat([train, val])).values, labelled)
+        assert not set(train.tolist()) & set(val.tolist())
+        assert torch.bincount(labels[val], minlength=10).tolist() == [2] * 10  # 10 a class, a fifth each
+        vals.append(set(val.tolist()))
+        # the same seed gives the same fold: two settings are scored on the same images
+        assert torch.equal(cross_validation_split(labels, labelled, 5, f, seed=3)[1], val)
+    assert set().union(*vals) == set(labelled.tolist())
+    assert sum(len(v) for v in vals) == len(labelled)
+    assert not torch.equal(cross_validation_split(labels, labelled, 5, 0, seed=4)[1], cross_validation_split(labels, labelled, 5, 0, seed=3)[1])
+
+
+def test_cross_validation_keeps_a_training_image_of_every_class_and_checks_its_arguments():
+    from mbdml.data.split import cross_validation_split
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    for f in range(3):
+        train, val = cross_validation_split(labels, torch.arange(6), 3, f, seed=0)
+        assert set(labels[train].tolist()) == {0, 1, 2}  # class 1 has one image: never validated on
+        assert 3 not in val.tolist()
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        cross_validation_split(labels, torch.arange(6), 1, 0, seed=0)
+    with pytest.raises(ConfigError, match="outside 0..4"):
+        cross_validation_split(labels, torch.arange(6), 5, 5, seed=0)

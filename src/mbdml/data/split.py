@@ -19,7 +19,7 @@ import torch
 
 from mbdml.errors import ConfigError, DataError
 
-__all__ = ["labelled_split", "validation_split", "check_every_class_labelled", "SPLIT_MODES"]
+__all__ = ["labelled_split", "validation_split", "cross_validation_split", "check_every_class_labelled", "SPLIT_MODES"]
 
 SPLIT_MODES = ("random", "folds")
 _EPS = 1e-9
@@ -123,6 +123,40 @@ def validation_split(
         perm = _rng(seed, int(c), 1).permutation(members)
         val.append(perm[:n_val])
         train.append(perm[n_val:])
+    return _as_index_tensor(np.concatenate(train)), _as_index_tensor(np.concatenate(val))
+
+
+def cross_validation_split(
+    labels: torch.Tensor, indices: torch.Tensor, folds: int, fold: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold ``fold`` of a stratified ``folds``-fold cross-validation of the labelled ``indices``.
+
+    Each class's labelled images are permuted once from ``seed`` (the same permutation
+    for every fold) and cut into ``folds`` nearly-equal chunks; fold f validates on
+    chunk f of every class and trains on the rest. So the ``folds`` validation sets
+    are disjoint and cover the labelled images, and two settings run with the same
+    seed are scored on the same folds (paired by fold). A class with fewer images than
+    folds has some empty chunks, and a class is never left without a training image:
+    with one image it stays in training in every fold. Returns (train_indices,
+    val_indices), sorted, disjoint, their union ``indices``.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ConfigError(f"cross-validation needs at least 2 folds, got {folds!r}; pass --cv 5, say")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < folds:
+        raise ConfigError(f"fold {fold!r} is outside 0..{folds - 1} for {folds}-fold cross-validation")
+    y = _labels_np(labels)
+    ids = np.unique(torch.as_tensor(indices).detach().to("cpu", torch.int64).numpy().reshape(-1))
+    if ids.size and (ids[0] < 0 or ids[-1] >= len(y)):
+        raise DataError(f"indices run from {int(ids[0])} to {int(ids[-1])} but there are {len(y)} labels; pass indices of this training set")
+    train: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    val: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    sub = y[ids]
+    for c in np.unique(sub):
+        members = ids[sub == c]
+        perm = _rng(seed, int(c), 2).permutation(members)
+        chunk = np.array_split(perm, int(folds))[int(fold)] if len(members) > 1 else perm[:0]
+        val.append(chunk)
+        train.append(np.setdiff1d(perm, chunk))
     return _as_index_tensor(np.concatenate(train)), _as_index_tensor(np.concatenate(val))
 
 
