@@ -266,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences, commands, commit, CPU and minutes (e.g. docs/results.md)")
     p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run (default nngk)")
 
+    p = sub.add_parser("export", help="write a run's network and kernel classifier as one file that plain PyTorch loads (uint8 images -> class probabilities)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.pt2 (load it with torch.export.load)")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
+    p.add_argument("--image_size", type=int, default=None, help="only for runs saved before mbdml recorded their image size: the side in pixels")
+
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
@@ -458,6 +464,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.out, which=args.which, image_size=args.image_size)
+    print(f"written: {out} (load it with torch.export.load; class names and input size in its mbdml.json)")
+    return 0
+
+
 def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any, Any]:
     from .data.sources import load_dataset
 
@@ -530,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, list(sys.argv[1:] if argv is None else argv))
-        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed}
+        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export}
         return commands[args.command](args)
     except MbdmlError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

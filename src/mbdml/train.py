@@ -729,6 +729,7 @@ class Trainer:
             "centres_fresh": centres_fresh,
             "pseudo": None if self.pseudo is None else [self.pseudo[0].cpu(), self.pseudo[1].cpu(), self.pseudo[2].int().cpu()],
             "classes": list(self.data.classes),
+            "image_shape": list(self.data.train.images.shape[1:]),  # (C, H, W) the network was trained on
             "config": self.cfg.to_dict(),
         }
 
@@ -938,7 +939,8 @@ class Trainer:
             best.update(val_acc=val_acc, val_epoch=row["epoch"])
         if val_acc is not None and best.get("val_epoch") == row["epoch"] and self.dist.is_main:
             save_checkpoint(
-                {"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(), "classes": list(self.data.classes), "config": self.cfg.to_dict()},
+                {"format": "mbdml-model-1", "epoch": row["epoch"], "model": self.model.state_dict(), "method": self.method.state_dict(),
+                 "classes": list(self.data.classes), "image_shape": list(self.data.train.images.shape[1:]), "config": self.cfg.to_dict()},
                 self.run_dir / "best.pt",
             )
         test_acc = row.get("test_acc")
@@ -1079,6 +1081,7 @@ class LoadedRun:
     kernel: NNGKClassifier
     classes: list[str] | None
     epoch: int
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of the training images; None in runs saved before it was kept
 
 
 def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> LoadedRun:
@@ -1102,7 +1105,11 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     model.to(device).eval()
     method.to(device).eval()
     classes = state.get("classes")
-    return LoadedRun(cfg, model, method, kernel, list(classes) if classes else None, int(state.get("epoch", 0)))
+    shape = state.get("image_shape")
+    if shape is None and cfg.input_size is not None:  # resized at load: the size is in the configuration
+        shape = [_in_channels(state["model"]), cfg.input_size, cfg.input_size]
+    image_shape = tuple(int(v) for v in shape) if isinstance(shape, (list, tuple)) and len(shape) == 3 else None
+    return LoadedRun(cfg, model, method, kernel, list(classes) if classes else None, int(state.get("epoch", 0)), image_shape)  # type: ignore[arg-type]
 
 
 def _in_channels(model_state: dict[str, torch.Tensor]) -> int:
