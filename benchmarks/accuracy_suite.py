@@ -17,7 +17,7 @@ NNGK and Mixup get twice its epochs; in the `finetune` part it takes one, with
 about 4 minutes per Fashion-MNIST run, and up to 60 minutes per semi-supervised run
 (the `finetune128` and `semi_finetune128` parts: the same at 128 pixels). The
 `selftrain160` part (self-training in one run: teacher, labelling and student) took 101
-minutes of training in float32 on seed 0 (run BP of docs/accuracy.md), an estimated
+minutes of training in float32 on seed 0 (run BP of results/archive/accuracy-log.md), an estimated
 48-56 with bfloat16. The `selftrain160t` part starts the student from its teacher
 (``--student_init teacher``) and trains it 2 epochs instead of 4: 88.29% on seed 0 with a
 saved teacher (run BQ), 87.68% on seed 1 in one run (BR: 81.4 minutes of training in
@@ -26,7 +26,7 @@ machine): 87.83 ± 0.41 over the 3 seeds. The `selftrain160t4` part trains that 
 epochs: 88.25 ± 0.24 over seeds 0, 1, 2 (runs BV, BW, BU), 40.9-51.9 minutes of training
 per run with bfloat16. On a 2-core
 AVX2 CPU (AMD EPYC, float32) it all takes longer: 1.8 times for MbDML1 on Lite0 at 128
-px, and about 4 times for a ResNet step (docs/benchmarks.md). Run nothing else beside it.
+px, and about 4 times for a ResNet step (docs/performance.md). Run nothing else beside it.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods_cifar10 import comparison_table, run_comparison  # noqa: E402
 
-# The recipe of docs/accuracy.md: the scratch preset (SGD-Nesterov on a one-cycle
+# The recipe of docs/recipes.md: the scratch preset (SGD-Nesterov on a one-cycle
 # schedule, label smoothing 0.1, batch 128, test-time flip, a refresh every 4 epochs)
 # with bfloat16 autocast where the CPU computes it natively (amp=auto: the figures there
 # were measured with AVX512-BF16; on an AVX2-only CPU it runs in float32, about 1.8-4x
-# the time, docs/benchmarks.md). Epochs give each method about the same wall time.
+# the time, docs/performance.md). Epochs give each method about the same wall time.
 RECIPE = {"preset": "scratch", "amp": "auto"}
 # one-run self-training at 160 px: a 30-epoch MbDML1 teacher, its surest 80% of labels
 SELFTRAIN160 = {

@@ -22,7 +22,7 @@ Install the allocators with ``apt-get install libjemalloc2 libtcmalloc-minimal4`
 (Debian / Ubuntu); those not found are left out. To use one for a run (mbdml then
 leaves glibc's settings alone):
 ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 mbdml train ...`` (see
-docs/benchmarks.md for the figures).
+docs/performance.md for the figures).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main() -> None:
     p.add_argument("--method", default="mbdml1")
     p.add_argument("--labelled_fraction", type=float, default=0.05, help="a short epoch (2,250 CIFAR-10 training images)")
     p.add_argument("--set", nargs="*", default=["preset=finetune", "amp=auto", "split_batch=true", "input_size=96"], metavar="KEY=VALUE",
-                   help="configuration values for the run (JSON values); default: the finetune preset at 96 px (where docs/benchmarks.md measured it) in bf16 where the CPU has it (amp=auto), one pass per image")
+                   help="configuration values for the run (JSON values); default: the finetune preset at 96 px (where docs/performance.md measured it) in bf16 where the CPU has it (amp=auto), one pass per image")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the allocators, alternately forwards and backwards")
     p.add_argument("--only", default=None, help="comma-separated allocator names to measure (default: all found)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ remaining parts are skipped and named. No downloads, no network.
     python benchmarks/gpu_suite.py --device cpu --quick        # smoke test, about a minute
 
 On an NVIDIA H200 (2026-12-04) the four parts ran in 138 s; the figures are in
-docs/benchmarks.md, "On a GPU".
+docs/performance.md, "On a GPU".
 """
 
 from __future__ import annotations
