@@ -109,8 +109,9 @@ def test_mixed_neighbour_rules_never_use_either_source_centre(rule):
     method, model, x, y, kernel = make("mbdml2", mixed_neighbours=rule)
     idx = torch.arange(12)
     mixed = mixup_batch(x[:12], y[:12], 1.0, torch.Generator().manual_seed(1))
-    nbrs, valid = method._mixed_neighbour_lists(model(mixed.inputs), idx, mixed)
-    valid = torch.ones_like(nbrs, dtype=torch.bool) if valid is None else valid
+    lists = method.mixed_neighbour_rule(kernel, model(mixed.inputs), idx, mixed.permutation)
+    nbrs = lists.neighbours
+    valid = torch.ones_like(nbrs, dtype=torch.bool) if lists.valid is None else lists.valid
     for i in range(12):
         used = nbrs[i][valid[i]].tolist()
         assert i not in used and int(mixed.permutation[i]) not in used
