@@ -140,9 +140,17 @@ class Method(nn.Module):
 
     def _nngk_clean(self, f: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_p = self.kernel.log_probs(f, self.kernel.training_neighbours(indices))
+        return self._nll(log_p, labels), log_p.detach().argmax(1)
+
+    def _follow_centres(self, indices: torch.Tensor, f: torch.Tensor) -> None:
+        """With ``centre_momentum``, move these images' centres towards their embeddings.
+
+        Called last in a step: the kernel writes the move at its next read of the
+        centres, and a read later in the same step would change centres that this
+        step's backward pass still needs.
+        """
         if self.training and self.options.centre_momentum is not None:
             self.kernel.update_centres(indices, f.detach(), self.options.centre_momentum)
-        return self._nll(log_p, labels), log_p.detach().argmax(1)
 
     def _mixed_nngk(self, f_mixed: torch.Tensor, indices: torch.Tensor, mixed: MixedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The lambda-weighted NNGK loss of the mixed samples, their predictions, and the

@@ -64,6 +64,7 @@ class NNGKMethod(Method):
     def forward(self, model, images, labels, indices, generator=None):
         f = model(images)
         loss, pred = self._nngk_clean(f, labels, indices)
+        self._follow_centres(indices, f)
         return LossOutput(loss, {"nngk": loss.detach()}, pred, labels)
 
 
@@ -116,6 +117,7 @@ class MbDML1(MixupMethod):
         nngk, pred = self._nngk_clean(f, y, idx)
         ce, _ = self._mixup_ce(f_mixed, mixed)
         loss = self.options.beta * nngk + self.options.scale_mixup * ce
+        self._follow_centres(idx, f)
         return LossOutput(loss, {"nngk": nngk.detach(), "mixup_ce": ce.detach(), "lam": mixed.lam}, pred, y)
 
 
@@ -149,4 +151,5 @@ class MbDML3(Method):
         term, _, absent = self._mixed_nngk(f_mixed, mixed_idx, mixed)
         loss = self.options.beta * nngk + self.options.scale_mixup * term
         parts = {"nngk": nngk.detach(), "mixup_nngk": term.detach(), "mixed_class_absent": absent, "lam": mixed.lam}
+        self._follow_centres(idx, f)
         return LossOutput(loss, parts, pred, y)

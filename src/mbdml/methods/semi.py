@@ -86,6 +86,7 @@ class _SemiSupervisedMixin:
         term, diagnostics = self._mixed_term(p)
         loss = self.options.beta * nngk + self.options.pseudo_weight * nngk_u + self.options.scale_mixup * term
         parts = {"nngk": nngk.detach(), "pseudo_nngk": nngk_u.detach(), self.mixed_term_name: term.detach(), **diagnostics, "lam": p.lam}
+        self._follow_centres(p.indices, p.f)  # type: ignore[attr-defined]
         return LossOutput(loss, parts, pred, p.labels)
 
     def _mixed_term(self, p: _SemiParts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
