@@ -15,12 +15,12 @@ from spec_reference import spec_loop_probs, spec_nearest
 C, D, K, N = 3, 6, 8, 30
 
 
-def problem():
+def problem(class_floor="normalised"):
     g = torch.Generator().manual_seed(0)
     model = nn.Linear(5, D)
     x = torch.randn(N, 5, generator=g)
     y = torch.arange(N) % C
-    kernel = NNGKClassifier(num_classes=C, sigma=1.0, k=K)
+    kernel = NNGKClassifier(num_classes=C, sigma=1.0, k=K, class_floor=class_floor)
     with torch.no_grad():
         kernel.set_centres(model(x), y)
         kernel.log_weights.normal_(0, 0.2, generator=g)
@@ -48,7 +48,9 @@ def used(lists: MixedNeighbourLists, row: int) -> list[int]:
 
 def nll(f, label, kernel, neighbours):
     """SPEC §2: -log P(label | f) with the given neighbour list, one sample."""
-    p = spec_loop_probs(f.double()[None], kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), [torch.tensor(neighbours)], kernel.sigma, C)
+    p = spec_loop_probs(
+        f.double()[None], kernel.centres.double(), kernel.centre_labels, kernel.log_weights.double(), [torch.tensor(neighbours)], kernel.sigma, C, floor=kernel.class_floor
+    )
     return -torch.log(p[0, label])
 
 
@@ -85,11 +87,12 @@ def test_rule_with_a_pseudo_labelled_partner(rule):
 
 @pytest.mark.parametrize("name", ["mbdml2", "mbdml3"])
 @pytest.mark.parametrize("rule", MIXED_NEIGHBOURS)
-def test_mixed_nngk_loss_is_the_spec_loop_with_each_rule(name, rule):
+@pytest.mark.parametrize("floor", ["normalised", "authors"])
+def test_mixed_nngk_loss_is_the_spec_loop_with_each_rule(name, rule, floor):
     """s [lam NLL(G(f(x~), L_i), y_i) + (1 - lam) NLL(G(f(x~), L_i), y_p(i))] (+ b NNGK(x)
     for MbDML3), L_i the rule's list, written one sample at a time."""
     s, b = 0.7, 1.3
-    model, kernel, x, y = problem()
+    model, kernel, x, y = problem(floor)
     method = build_method(name, kernel, D, C, MethodOptions(scale_mixup=s, beta=b, mixed_neighbours=rule))
     idx = torch.arange(10, 22)
     out = method(model, x[idx], y[idx], idx, torch.Generator().manual_seed(3))
@@ -107,10 +110,11 @@ def test_mixed_nngk_loss_is_the_spec_loop_with_each_rule(name, rule):
 
 
 @pytest.mark.parametrize("rule", MIXED_NEIGHBOURS)
-def test_semi_mixed_term_is_the_spec_loop_with_each_rule(rule):
+@pytest.mark.parametrize("floor", ["normalised", "authors"])
+def test_semi_mixed_term_is_the_spec_loop_with_each_rule(rule, floor):
     """mbdml_semi's mixed term with a pseudo-labelled partner u_i, one sample at a time."""
     s, b, w = 0.7, 1.3, 0.4
-    model, kernel, x, y = problem()
+    model, kernel, x, y = problem(floor)
     method = build_method("mbdml_semi", kernel, D, C, MethodOptions(scale_mixup=s, beta=b, pseudo_weight=w, mixed_neighbours=rule))
     g = torch.Generator().manual_seed(8)
     u = torch.randn(6, 5, generator=g)

@@ -123,10 +123,11 @@ def class_absent_share(
     """The share of mixed samples whose neighbour list holds no centre of ``labels_a``
     or none of ``labels_b``.
 
-    The kernel classifier gives such a class only its floor probability (1e-10), so
-    that part of the mixed loss is a constant with no gradient. With the authors'
-    lists (``mixed_neighbours`` "sample") this happens to most mixed pairs once
-    training has separated the classes: logged as ``mixed_class_absent``."""
+    The kernel classifier gives such a class only its floor (1e-10, see the kernel's
+    ``class_floor``): with the "normalised" floor that part of the mixed loss is a
+    constant with no gradient. With the authors' lists (``mixed_neighbours`` "sample")
+    this happens to most mixed pairs once training has separated the classes: logged
+    as ``mixed_class_absent``."""
     neighbour_labels = centre_labels.index_select(0, neighbours.reshape(-1)).view_as(neighbours)
     has_a = neighbour_labels == labels_a.unsqueeze(1)
     has_b = neighbour_labels == labels_b.unsqueeze(1)
