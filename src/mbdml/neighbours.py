@@ -9,7 +9,9 @@ of centres, keeping a running top-K, so peak memory is about
 
 :func:`knn_search` finds the nearest centres of any queries; :func:`self_knn` finds the
 nearest other centres of every centre (the training neighbour lists), computing each
-pair of centres once (d(i, j) = d(j, i)).
+pair of centres once (d(i, j) = d(j, i)). Each makes a one-off :class:`CentreSearch`; the
+kernel classifier keeps one for each refresh, so a faiss index is built once for the
+training lists and every later block of queries.
 
 Backends:
 
