@@ -304,3 +304,65 @@ def test_generic_search_rare_candidates_grouped_filter(monkeypatch):
     assert torch.allclose(res.distances.double(), dist, atol=1e-4)
     assert overlap(res.indices, idx) > 0.999
     assert not (res.indices == qi.unsqueeze(1)).any()
+
+
+def test_centre_search_builds_and_trains_one_ivf_index_for_every_block():
+    """One CentreSearch per refresh: the training lists and every block of queries after
+    them use one inverted-file index, trained once, and the blocks' answers are those
+    of a single search of all the queries."""
+    pytest.importorskip("faiss")
+    from mbdml.neighbours import CentreSearch
+
+    g = torch.Generator().manual_seed(12)
+    c = torch.randn(3000, 8, generator=g)
+    q = torch.randn(700, 8, generator=g)
+    search = CentreSearch(c, "faiss-ivf", nprobe=8)
+    own = search.self_search(10)
+    blocks = [search.search(part, 10).indices for part in q.split(100)]
+    assert (search.index_builds, search.ivf_trainings, search.searches) == (1, 1, 1 + 7)
+    assert torch.equal(torch.cat(blocks), search.search(q, 10).indices)
+    assert torch.equal(own.indices, self_knn(c, 10, backend="faiss-ivf", nprobe=8).indices)
+    assert search.ivf_trainings == 1
+
+
+def test_centre_search_flat_index_in_blocks_is_the_exact_search():
+    pytest.importorskip("faiss")
+    from mbdml.neighbours import CentreSearch
+
+    g = torch.Generator().manual_seed(13)
+    c = torch.randn(1500, 8, generator=g)
+    q = torch.randn(300, 8, generator=g)
+    ex = torch.randint(0, 1500, (300, 2), generator=g)
+    search = CentreSearch(c, "faiss")
+    got = [search.search(q[s : s + 64], 15, exclude=ex[s : s + 64]) for s in range(0, 300, 64)]
+    d = torch.cdist(q.double(), c.double()).pow(2)
+    d.scatter_(1, ex, float("inf"))
+    dist, idx = d.topk(15, largest=False)
+    assert (search.index_builds, search.ivf_trainings, search.searches) == (1, 0, 5)
+    assert torch.equal(torch.cat([r.indices for r in got]), idx)
+    assert torch.allclose(torch.cat([r.distances for r in got]).double(), dist, atol=1e-4)
+    assert torch.equal(torch.cat([r.indices for r in got]), knn_search(q, c, 15, exclude=ex, backend="torch").indices)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "faiss-ivf"])
+def test_kernel_keeps_one_search_per_refresh(backend):
+    """The kernel classifier's refresh, its test-time predictions in blocks and its fresh
+    searches share one index; a refresh or a centre update makes a new one, so a search
+    never sees stale centres."""
+    pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(14)
+    c = torch.randn(2000, 8, generator=g)
+    labels = torch.arange(2000) % 5
+    q = torch.randn(500, 8, generator=g)
+    kernel = NNGKClassifier(num_classes=5, sigma=1.0, k=20, search_backend=backend)
+    kernel.set_centres(c, labels)
+    search = kernel.centre_search
+    kernel.predict(q, batch_size=128)  # 4 blocks
+    kernel.neighbours(q[:10])
+    assert kernel.centre_search is search
+    assert (search.index_builds, search.ivf_trainings, search.searches) == (1, int(backend == "faiss-ivf"), 1 + 4 + 1)
+    kernel.set_centres(c + 1.0, labels)  # a refresh
+    assert kernel.centre_search is not search and kernel.centre_search.index_builds == 1
+    kernel.update_centres(torch.arange(50), torch.zeros(50, 8))  # momentum 0: these centres move to the origin
+    nearest = kernel.neighbours(torch.zeros(1, 8))
+    assert set(nearest[0].tolist()) <= set(range(50))  # the moved centres, not the index's old ones

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from mbdml.errors import DataError
+from mbdml.methods import METHOD_GROUPS, METHOD_TITLES, table_sections
 from mbdml.report import (
-    METHOD_GROUPS,
     PAPER_DATASETS,
     PAPER_TABLE,
     RUNS_CSV_COLUMNS,
@@ -183,17 +183,17 @@ def test_grouping_order(results: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     assert methods == ["triplet", "nngk", "mbdml2", "mystery"]
     # the paper's layout (its methods last), then ours that also use the unlabelled images
-    assert [g for g, _ in METHOD_GROUPS] == ["Baseline losses", "Original methods", "MbDML", "Semi-supervised (ours)"]
+    assert [g.title for g in table_sections()] == ["Baseline losses", "Original methods", "MbDML", "Semi-supervised (ours)"]
 
 
 def test_every_registered_method_has_a_table_name_and_group() -> None:
     """No method of the package falls into "Other" or shows its registry name."""
     from mbdml.methods import METHODS
-    from mbdml.report import METHOD_NAMES
 
-    grouped = [m for _, ms in METHOD_GROUPS for m in ms]
+    grouped = [m for g in table_sections() for m in g.methods]
     assert sorted(grouped) == sorted(METHODS) and len(grouped) == len(set(grouped))
-    assert set(METHOD_NAMES) == set(METHODS)
+    assert set(METHOD_TITLES) == set(METHODS)
+    assert all(set(g.methods) <= set(METHODS) for g in METHOD_GROUPS)
 
 
 def test_dataset_order_given_or_sorted(results: Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError, MbdmlError
+from .methods.groups import METHOD_GROUPS
 
 log = logging.getLogger("mbdml")
 
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="the paper's protocol: methods x runs x data sets, then one comparison table")
     g = p.add_argument_group("comparison")
-    g.add_argument("--methods", default="paper", help="comma-separated methods, or 'paper' (the five MbDML-paper methods), 'baselines', 'all' (default paper)")
+    groups = "; ".join(f"'{grp.name}' ({grp.description})" for grp in METHOD_GROUPS)
+    g.add_argument("--methods", default="paper", help=f"comma-separated methods or groups of them: {groups} (default paper)")
     g.add_argument("--datasets", default="digits", help="comma-separated data sets (names or folders; default digits)")
     g.add_argument("--runs", type=int, default=10, help="runs per method and data set, each on its own seeded split (default 10)")
     g.add_argument("--results_dir", default="results/compare", help="where runs, tables and plots go (default results/compare)")
@@ -400,14 +402,14 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
 
 
 def _method_list(text: str) -> list[str]:
-    from .methods import BASELINES, METHODS, PAPER_METHODS
+    from .methods import METHODS, group_methods
 
-    groups = {"paper": list(PAPER_METHODS), "baselines": list(BASELINES), "all": list(BASELINES) + list(PAPER_METHODS)}
     out: list[str] = []
     for item in (t.strip().lower() for t in text.split(",") if t.strip()):
-        for name in groups.get(item, [item]):
+        for name in group_methods(item) or [item]:
             if name not in METHODS:
-                raise ConfigError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}, or paper, baselines, all")
+                groups = ", ".join(g.name for g in METHOD_GROUPS)
+                raise ConfigError(f"unknown method {name!r} in --methods; choose from {', '.join(METHODS)}, or a group: {groups}")
             if name not in out:
                 out.append(name)
     return out

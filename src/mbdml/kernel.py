@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .neighbours import effective_k, knn_search, self_knn
+from .neighbours import CentreSearch, effective_k
 
 
 # Where the floor of a class with no neighbour in the list applies (NNGKClassifier).
@@ -399,7 +399,7 @@ class NNGKClassifier(nn.Module):
         self.centres = centres.clone()
         self.centre_labels = labels.detach().long().to(centres.device).clone()
         if train_neighbours:
-            self.train_neighbours = self_knn(centres, self.k, backend=self.search_backend).indices
+            self.train_neighbours = self.centre_search.self_search(self.k).indices
         else:
             self.train_neighbours = torch.zeros(0, 0, dtype=torch.long, device=centres.device)
 
@@ -438,6 +438,7 @@ class NNGKClassifier(nn.Module):
         self._pending = None
         indices, f, m = pending
         self.centres[indices] = f if m == 0.0 else m * self.centres[indices] + (1.0 - m) * f
+        self._centre_search = None  # its index holds the old centres
         if getattr(self, "_sq_norms", None) is not None:
             self._sq_norms = self._sq_norms.clone()  # the old one may be saved for a backward pass
             self._sq_norms[indices] = self.centres[indices].pow(2).sum(1)
@@ -466,10 +467,19 @@ class NNGKClassifier(nn.Module):
             raise RuntimeError("the kernel classifier has no centres yet: call set_centres(embeddings, labels) first")
 
     # --------------------------------------------------------------- neighbours
+    @property
+    def centre_search(self) -> CentreSearch:
+        """The search over the current centres: made once per refresh (a faiss index is
+        built, and trained, once) and used by every search until the centres change."""
+        self._require_centres()
+        search = getattr(self, "_centre_search", None)
+        if search is None or search.centres is not self.centres or search.backend != self.search_backend:
+            search = self._centre_search = CentreSearch(self.centres, self.search_backend)
+        return search
+
     def neighbours(self, embeddings: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Indices (B, K) of the K nearest centres of each embedding (a fresh search)."""
-        self._require_centres()
-        return knn_search(embeddings.detach(), self.centres, self.k, exclude=exclude, backend=self.search_backend).indices
+        return self.centre_search.search(embeddings.detach(), self.k, exclude=exclude).indices
 
     def training_neighbours(self, indices: torch.Tensor) -> torch.Tensor:
         """The neighbour lists kept since the last refresh for these centre indices."""

@@ -9,7 +9,9 @@ of centres, keeping a running top-K, so peak memory is about
 
 :func:`knn_search` finds the nearest centres of any queries; :func:`self_knn` finds the
 nearest other centres of every centre (the training neighbour lists), computing each
-pair of centres once (d(i, j) = d(j, i)).
+pair of centres once (d(i, j) = d(j, i)). Each makes a one-off :class:`CentreSearch`; the
+kernel classifier keeps one for each refresh, so a faiss index is built once for the
+training lists and every later block of queries.
 
 Backends:
 
@@ -22,6 +24,7 @@ Backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -83,6 +86,9 @@ def knn_search(
 ) -> SearchResult:
     """The k nearest centres of each query by squared Euclidean distance.
 
+    A one-off search; to search the same centres again (blocks of queries), keep a
+    :class:`CentreSearch`, which builds a faiss index once.
+
     Args:
         queries: (Q, D) float.
         centres: (N, D) float.
@@ -94,20 +100,83 @@ def knn_search(
         query_block, centre_block: block sizes of the torch backend; default 2048 x
             2048 on a CPU (a distance block that stays in the last-level cache), 8192 x
             8192 on a GPU.
+        nprobe: inverted lists visited per query (``"faiss-ivf"``).
     """
-    if backend not in SEARCH_BACKENDS:
-        raise ConfigError(f"unknown neighbour search backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
-    exclude = _check_exclude(exclude, queries.shape[0])
-    m = 0 if exclude is None else exclude.shape[1]
-    k_eff = effective_k(k, centres.shape[0], m)
-    if k_eff == 0 or queries.shape[0] == 0:
-        empty = queries.new_zeros((queries.shape[0], k_eff))
-        return SearchResult(empty, empty.long())
-    if backend == "torch":
-        big = 8192 if queries.device.type == "cuda" else 2048
-        with torch.autocast(device_type=queries.device.type, enabled=False):  # exact float32 ranking
-            return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block or big, centre_block or big)
-    return _search_faiss(queries, centres, k_eff, exclude, approximate=(backend == "faiss-ivf"), nprobe=nprobe)
+    return CentreSearch(centres, backend, nprobe=nprobe).search(queries, k, exclude=exclude, query_block=query_block, centre_block=centre_block)
+
+
+class CentreSearch:
+    """Nearest-centre searches over one fixed set of centres, for any number of queries.
+
+    The kernel classifier keeps one per centre refresh and asks it for the training
+    lists and for every block of queries. The faiss backends build their index on the
+    first search (``"faiss-ivf"`` trains its k-means quantizer then) and reuse it for
+    every later one: one index per refresh, not one per block. The centres must not
+    change while it is in use; after a refresh, make a new one.
+
+    Attributes:
+        index_builds: faiss indexes built (0 or 1).
+        ivf_trainings: k-means trainings of an inverted-file index (0 or 1).
+        searches: calls of :meth:`search` that reached the backend.
+    """
+
+    def __init__(self, centres: torch.Tensor, backend: str = "torch", *, nprobe: int = 16) -> None:
+        if backend not in SEARCH_BACKENDS:
+            raise ConfigError(f"unknown neighbour search backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
+        self.centres = centres
+        self.backend = backend
+        self.nprobe = nprobe
+        self.index_builds = 0
+        self.ivf_trainings = 0
+        self.searches = 0
+        self._faiss_index = None
+
+    def search(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        *,
+        exclude: torch.Tensor | None = None,
+        query_block: int | None = None,
+        centre_block: int | None = None,
+    ) -> SearchResult:
+        """The k nearest centres of each query; arguments as in :func:`knn_search`."""
+        centres = self.centres
+        exclude = _check_exclude(exclude, queries.shape[0])
+        m = 0 if exclude is None else exclude.shape[1]
+        k_eff = effective_k(k, centres.shape[0], m)
+        if k_eff == 0 or queries.shape[0] == 0:
+            empty = queries.new_zeros((queries.shape[0], k_eff))
+            return SearchResult(empty, empty.long())
+        self.searches += 1
+        if self.backend == "torch":
+            big = 8192 if queries.device.type == "cuda" else 2048
+            with torch.autocast(device_type=queries.device.type, enabled=False):  # exact float32 ranking
+                return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block or big, centre_block or big)
+        return _search_faiss(self._index(), queries, k_eff, exclude, approximate=(self.backend == "faiss-ivf"), nprobe=self.nprobe)
+
+    def self_search(self, k: int, *, block: int | None = None, first_block: int | None = None, pending: int | None = None) -> SearchResult:
+        """The k nearest OTHER centres of each centre; arguments as in :func:`self_knn`."""
+        centres = self.centres
+        if centres.dim() != 2:
+            raise ValueError(f"centres must be (N, D), got shape {tuple(centres.shape)}")
+        n = centres.shape[0]
+        k_eff = effective_k(k, n, 1)
+        if k_eff == 0:
+            empty = centres.new_zeros((n, 0), dtype=torch.float32)
+            return SearchResult(empty, empty.long())
+        if self.backend != "torch":
+            return self.search(centres, k, exclude=torch.arange(n, device=centres.device))
+        with torch.autocast(device_type=centres.device.type, enabled=False):  # exact float32 ranking
+            plan = plan_self_knn(n, k_eff, centres.shape[1], block, first_block, pending, centres.device)
+            return _self_knn_torch(centres.detach().float(), plan)
+
+    def _index(self) -> Any:
+        if self._faiss_index is None:
+            self._faiss_index, trained = _build_faiss_index(self.centres, self.backend == "faiss-ivf", self.nprobe)
+            self.index_builds += 1
+            self.ivf_trainings += int(trained)
+        return self._faiss_index
 
 
 @torch.no_grad()
@@ -294,21 +363,7 @@ def self_knn(
             default k / 2.
         nprobe: inverted lists visited per query (``"faiss-ivf"``).
     """
-    if backend not in SEARCH_BACKENDS:
-        raise ConfigError(f"unknown neighbour search backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
-    if centres.dim() != 2:
-        raise ValueError(f"centres must be (N, D), got shape {tuple(centres.shape)}")
-    n = centres.shape[0]
-    k_eff = effective_k(k, n, 1)
-    if k_eff == 0:
-        empty = centres.new_zeros((n, 0), dtype=torch.float32)
-        return SearchResult(empty, empty.long())
-    if backend != "torch":
-        own = torch.arange(n, device=centres.device)
-        return knn_search(centres, centres, k, exclude=own, backend=backend, nprobe=nprobe)
-    with torch.autocast(device_type=centres.device.type, enabled=False):  # exact float32 ranking
-        plan = plan_self_knn(n, k_eff, centres.shape[1], block, first_block, pending, centres.device)
-        return _self_knn_torch(centres.detach().float(), plan)
+    return CentreSearch(centres, backend, nprobe=nprobe).self_search(k, block=block, first_block=first_block, pending=pending)
 
 
 @torch.no_grad()
@@ -635,20 +690,14 @@ def _import_faiss():
 
 
 @torch.no_grad()
-def _search_faiss(
-    queries: torch.Tensor,
-    centres: torch.Tensor,
-    k: int,
-    exclude: torch.Tensor | None,
-    approximate: bool,
-    nprobe: int,
-) -> SearchResult:
+def _build_faiss_index(centres: torch.Tensor, approximate: bool, nprobe: int) -> tuple[Any, bool]:
+    """A faiss index holding the centres, and whether it was trained: an exact flat
+    index, or (``approximate``, from 1024 centres on) an inverted-file index whose
+    k-means quantizer is trained on a seeded sample of them."""
     import numpy as np
 
     faiss = _import_faiss()
-    device = queries.device
     c = np.ascontiguousarray(centres.detach().float().cpu().numpy())
-    q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
     n, dim = c.shape
     if approximate and n >= 1024:
         nlist = int(max(16, min(65536, 4 * round(n**0.5))))
@@ -659,9 +708,26 @@ def _search_faiss(
         index.train(sample)
         index.add(c)
         index.nprobe = nprobe
-    else:
-        index = faiss.IndexFlatL2(dim)
-        index.add(c)
+        return index, True
+    index = faiss.IndexFlatL2(dim)
+    index.add(c)
+    return index, False
+
+
+@torch.no_grad()
+def _search_faiss(
+    index: Any,
+    queries: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None,
+    approximate: bool,
+    nprobe: int,
+) -> SearchResult:
+    import numpy as np
+
+    device = queries.device
+    q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+    n = index.ntotal
     m = 0 if exclude is None else exclude.shape[1]
     kk = min(n, k + m)
     nq = q.shape[0]

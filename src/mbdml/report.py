@@ -22,8 +22,9 @@ excludes 0. The best-mean marking of :func:`format_table` also marks the methods
 are level with the best (their paired interval against it holds 0), as the paper
 highlights "similar and the most accurate results".
 
-This module is a bottom floor: it imports nothing from mbdml but the errors and
-:mod:`mbdml.paired`, and prints nothing.
+This module is a bottom floor: it imports nothing from mbdml but the errors,
+:mod:`mbdml.paired` and the method groups (:mod:`mbdml.methods.groups`, which need no
+torch), and prints nothing.
 """
 
 from __future__ import annotations
@@ -41,12 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from mbdml.errors import DataError
+from mbdml.methods.groups import METHOD_TITLES, table_sections
 from mbdml.paired import PairedDifference, paired_difference
 
 __all__ = [
     "DATASET_NAMES",
-    "METHOD_GROUPS",
-    "METHOD_NAMES",
     "PAPER_DATASETS",
     "PAPER_TABLE",
     "RUNS_CSV_COLUMNS",
@@ -68,29 +68,7 @@ __all__ = [
 
 log = logging.getLogger("mbdml")
 
-METHOD_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Baseline losses", ("contrastive", "proxyanchor", "softtriple", "supcon", "triplet")),
-    ("Original methods", ("softmax", "mixup", "nngk")),
-    ("MbDML", ("mbdml1", "mbdml2", "mbdml3")),
-    ("Semi-supervised (ours)", ("mbdml1_semi", "mbdml_semi")),
-)
 OTHER_GROUP = "Other"
-
-METHOD_NAMES: dict[str, str] = {
-    "contrastive": "Contrastive",
-    "proxyanchor": "ProxyAnchor",
-    "softtriple": "SoftTriple",
-    "supcon": "SupCon",
-    "triplet": "Triplet",
-    "softmax": "Softmax",
-    "mixup": "Mixup",
-    "nngk": "NNGK",
-    "mbdml1": "MbDML1",
-    "mbdml2": "MbDML2",
-    "mbdml3": "MbDML3",
-    "mbdml1_semi": "MbDML1-semi",
-    "mbdml_semi": "MbDML3-semi",
-}
 
 DATASET_NAMES: dict[str, str] = {
     "cifar10": "CIFAR-10",
@@ -282,18 +260,13 @@ _Cells = Mapping[tuple[str, str], Cell]
 _Layout = list[tuple[str, list[str]]]
 
 
-def _method_group(method: str) -> str:
-    for group, methods in METHOD_GROUPS:
-        if method in methods:
-            return group
-    return OTHER_GROUP
-
-
 def _layout(methods: Iterable[str]) -> list[tuple[str, list[str]]]:
-    """``methods`` grouped as in :data:`METHOD_GROUPS`, unknown ones in "Other" (sorted)."""
+    """``methods`` in the tables' sections (:func:`mbdml.methods.table_sections`), unknown
+    ones in "Other" (sorted); as (section title, methods) pairs."""
     present = set(methods)
-    out = [(g, [m for m in ms if m in present]) for g, ms in METHOD_GROUPS]
-    known = {m for _, ms in METHOD_GROUPS for m in ms}
+    sections = table_sections()
+    out = [(str(g.title), [m for m in g.methods if m in present]) for g in sections]
+    known = {m for g in sections for m in g.methods}
     out.append((OTHER_GROUP, sorted(present - known)))
     return [(g, ms) for g, ms in out if ms]
 
@@ -405,7 +378,7 @@ def _text_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str,
     for group, methods in layout:
         body.append(group)
         for m in methods:
-            row = ["  " + METHOD_NAMES.get(m, m)]
+            row = ["  " + METHOD_TITLES.get(m, m)]
             for ds in cols:
                 c = cells.get((m, ds))
                 row.append(_cell_text(c) + ("*" if m in best[ds] else " "))
@@ -438,7 +411,7 @@ def _markdown_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[
     for group, methods in layout:
         lines.append("| " + " | ".join([f"*{group}*"] + [""] * len(cols)) + " |")
         for m in methods:
-            row = [_md_escape(METHOD_NAMES.get(m, m))]
+            row = [_md_escape(METHOD_TITLES.get(m, m))]
             for ds in cols:
                 s = _cell_text(cells.get((m, ds)))
                 row.append(f"**{s}**" if m in best[ds] else s)
@@ -458,7 +431,7 @@ def _latex_table(cells: _Cells, cols: list[str], layout: _Layout, best: dict[str
         lines.append(r"\midrule")
         lines.append(rf"\multicolumn{{{ncol}}}{{l}}{{\textit{{{_latex_escape(group)}}}}} \\")
         for m in methods:
-            row = [_latex_escape(METHOD_NAMES.get(m, m))]
+            row = [_latex_escape(METHOD_TITLES.get(m, m))]
             for ds in cols:
                 s = _cell_text(cells.get((m, ds)), pm=r"$\pm$")
                 row.append(rf"\textbf{{{s}}}" if m in best[ds] else s)
@@ -548,7 +521,7 @@ def format_paired(paired: _Paired, reference: str, style: str = "text", title: s
     rows: list[list[str]] = []
     for _, methods in layout:
         for m in methods:
-            row = [METHOD_NAMES.get(m, m)]
+            row = [METHOD_TITLES.get(m, m)]
             for ds in datasets:
                 for on, _ in PAIRED_ON:
                     d = paired.get((m, ds), {}).get(on)
@@ -567,7 +540,7 @@ def format_paired(paired: _Paired, reference: str, style: str = "text", title: s
         lines.append("| " + " | ".join(_md_escape(h) for h in head) + " |")
         lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(head) - 1)) + "|")
         lines += ["| " + " | ".join(_md_escape(x) for x in row) + " |" for row in rows]
-        lines += ["", f"Paired difference against {METHOD_NAMES.get(reference, reference)} in points, 95% interval, "
+        lines += ["", f"Paired difference against {METHOD_TITLES.get(reference, reference)} in points, 95% interval, "
                   "sign-flip p-value; bold where the interval excludes 0."]
         return "\n".join(lines) + "\n"
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -579,14 +552,14 @@ def format_paired(paired: _Paired, reference: str, style: str = "text", title: s
     lines += ([title] if title else []) + [line(head), rule] + [line(r) for r in rows]
     if not rows:
         lines.append(f"(no method shares runs with the reference {reference}; pass --reference with a method of these results)")
-    lines += [rule, f"paired difference against {METHOD_NAMES.get(reference, reference)} in points [95% interval] p: "
+    lines += [rule, f"paired difference against {METHOD_TITLES.get(reference, reference)} in points [95% interval] p: "
               "* the interval excludes 0; level: it holds 0"]
     return "\n".join(lines) + "\n"
 
 
 def _paired_title(selection: str, reference: str, metric: str) -> str:
     return (f"{_METRIC_NAMES.get(metric, metric)} (test) and validation accuracy of the {_SELECTION_TITLES[selection]}: "
-            f"paired difference against {METHOD_NAMES.get(reference, reference)} over the runs on the same splits")
+            f"paired difference against {METHOD_TITLES.get(reference, reference)} over the runs on the same splits")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -712,7 +685,7 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
         if sec is not None:
             minutes.setdefault(r.method, []).append(sec / 60.0)
     if minutes:
-        per = [f"{METHOD_NAMES.get(m, m)} {statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" for m, v in sorted(minutes.items())]
+        per = [f"{METHOD_TITLES.get(m, m)} {statistics.mean(v):.1f} ({min(v):.1f}-{max(v):.1f})" for m, v in sorted(minutes.items())]
         lines.append(f"- minutes per run, mean (range): {', '.join(per)}")
     return lines + [""]
 

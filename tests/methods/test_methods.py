@@ -1,5 +1,8 @@
 """Each method's loss against its formula in SPEC.md §4, and a learning check."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,8 +112,9 @@ def test_mixed_neighbour_rules_never_use_either_source_centre(rule):
     method, model, x, y, kernel = make("mbdml2", mixed_neighbours=rule)
     idx = torch.arange(12)
     mixed = mixup_batch(x[:12], y[:12], 1.0, torch.Generator().manual_seed(1))
-    nbrs, valid = method._mixed_neighbour_lists(model(mixed.inputs), idx, mixed)
-    valid = torch.ones_like(nbrs, dtype=torch.bool) if valid is None else valid
+    lists = method.mixed_neighbour_rule(kernel, model(mixed.inputs), idx, mixed.permutation)
+    nbrs = lists.neighbours
+    valid = torch.ones_like(nbrs, dtype=torch.bool) if lists.valid is None else lists.valid
     for i in range(12):
         used = nbrs[i][valid[i]].tolist()
         assert i not in used and int(mixed.permutation[i]) not in used
@@ -349,3 +353,25 @@ def test_semi_pseudo_batch_must_be_a_multiple_of_the_labelled_one():
     method, model, x, y, kernel = make("mbdml1_semi")
     with pytest.raises(ValueError, match="whole number of times"):
         method(model, x[:6], y[:6], torch.arange(6), torch.Generator().manual_seed(0), pseudo=_pseudo_batch(model, kernel, 9))
+
+
+@pytest.mark.parametrize("name", ["nngk", "mbdml1", "mbdml3", "mbdml_semi", "mbdml1_semi"])
+def test_centre_momentum_moves_the_centres_after_the_step(name):
+    """c_i <- m c_i + (1 - m) f_i for the step's clean images, once the step is over: every
+    term of the step (and its backward pass) sees the centres as they were."""
+    m = 0.5
+    method, model, x, y, kernel = make(name, centre_momentum=m)
+    still = copy.deepcopy(method)  # the same head and kernel, centres fixed
+    still.options = dataclasses.replace(method.options, centre_momentum=None)
+    idx = torch.arange(12)
+    before = kernel.centres.clone()
+    pseudo = {"pseudo": _pseudo_batch(model, kernel, 12)} if name.endswith("_semi") else {}
+    ref = still(model, x[idx], y[idx], idx, torch.Generator().manual_seed(3), **pseudo)
+    out = method(model, x[idx], y[idx], idx, torch.Generator().manual_seed(3), **pseudo)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+    kernel.training_neighbours(idx)  # the next read applies the move
+    with torch.no_grad():
+        f = model(x[idx])
+    assert torch.allclose(kernel.centres[idx], m * before[idx] + (1 - m) * f, atol=1e-6)
+    assert torch.equal(kernel.centres[12:], before[12:])
