@@ -76,3 +76,8 @@ def save_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically (summaries, configurations)."""
     text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically (metrics tables)."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))

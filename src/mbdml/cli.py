@@ -379,7 +379,7 @@ def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from .distributed import launched_by_torchrun
-    from .train import Trainer, resume
+    from .train import build_trainer, resume
 
     nproc = getattr(args, "nproc", 1)
     if nproc != 1 and not launched_by_torchrun():
@@ -392,7 +392,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         result = resume(args.resume)
     else:
         cfg = config_from_args(args)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         if main_rank:
             print(f"run folder: {trainer.run_dir}", file=sys.stderr)
         result = trainer.run()
@@ -488,17 +488,29 @@ def _check_classes(run: Any, data: Any) -> None:
         raise ConfigError(f"the run was trained on {run.kernel.num_classes} classes but this data set has {data.num_classes}; evaluate on data with the same classes")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import compute_embeddings, evaluate_embeddings
-    from .train import load_run, resolve_device
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The saved run of ``args.run_dir`` and the embedder it trained with (its
+    normalisation, test-time flips, precision and memory format)."""
+    from .components import load_run
+    from .embedder import Embedder
+    from .environment import resolve_device
+    from .precision import resolve_amp
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, args.which, device=str(device))
+    amp = resolve_amp(run.config.amp, device, warn=False)
+    return run, Embedder.for_run(run.model, run.config, device, amp=amp)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_embeddings
+
+    run, embedder = _loaded(args)
     _, test = _data_for(run, args.dataset, args.test_dir)
     _check_classes(run, test)
     cfg = run.config
-    emb = compute_embeddings(run.model, test.images, device=device, mean=cfg.mean, std=cfg.std)
-    metrics = evaluate_embeddings(run.kernel, emb, test.labels.to(device), knn_k=cfg.knn_k, retrieval=True, seed=cfg.seed)
+    emb = embedder.embed(test.images)
+    metrics = evaluate_embeddings(run.kernel, emb, test.labels.to(embedder.device), knn_k=cfg.knn_k, retrieval=True, seed=cfg.seed)
     metrics = {"run_dir": str(args.run_dir), "checkpoint": args.which, "epoch": run.epoch, "images": len(test), **metrics}
     for key, value in metrics.items():
         print(f"{key:>16}: {100 * value:.2f}" if key in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi") else f"{key:>16}: {value}")
@@ -513,18 +525,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .evaluate import compute_embeddings
-    from .train import load_run, resolve_device
-
-    device = resolve_device(args.device)
-    run = load_run(args.run_dir, args.which, device=str(device))
+    run, embedder = _loaded(args)
     train, test = _data_for(run, args.dataset, args.test_dir)
     parts = {"test": [("test", test)], "train": [("train", train)], "both": [("train", train), ("test", test)]}[args.part]
     out: dict[str, Any] = {"classes": list(test.classes)}
-    cfg = run.config
     for name, data in parts:
         _check_classes(run, data)
-        out[f"{name}_embeddings"] = compute_embeddings(run.model, data.images, device=device, mean=cfg.mean, std=cfg.std).cpu()
+        out[f"{name}_embeddings"] = embedder.embed(data.images).cpu()
         out[f"{name}_labels"] = data.labels.cpu()
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

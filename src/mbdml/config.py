@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .methods import MethodOptions
+from .precision import AMP_CHOICES, resolve_amp
 
 PRESETS = ("default", "scratch", "finetune", "paper")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -45,7 +47,6 @@ SCHEDULES = ("none", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PSEUDO_AUGMENTS = ("standard", "randaugment")  # how the semi-supervised methods augment pseudo-labelled images
 STUDENT_INITS = ("pretrained", "teacher")  # where a self-training student's weights start
-AMP_CHOICES = ("none", "bf16", "auto")  # resolved per device by mbdml.precision.resolve_amp
 
 
 @dataclass
@@ -319,6 +320,27 @@ class RunConfig:
         if cfg.crop_padding is None:
             cfg.crop_padding = max(1, image_side // 8)
         return cfg
+
+    def for_run(self, device: Any, channels: int, image_side: int) -> "RunConfig":
+        """The configuration a run trains with, once its device and images are known:
+        ``--amp auto`` becomes bf16 or none for the device and the augmentation left on
+        'auto' follows the images (see :meth:`with_data`). Saved as it ran, so that a
+        rerun repeats it."""
+        return dataclasses.replace(self.with_data(channels, image_side), amp=resolve_amp(self.amp, device))
+
+    def method_options(self) -> MethodOptions:
+        """The method's weights and choices (:class:`~mbdml.methods.MethodOptions` checks them)."""
+        return MethodOptions(
+            scale_mixup=float(self.scale_mixup if self.scale_mixup is not None else 1.0),
+            beta=self.beta,
+            alpha=self.alpha,
+            mixup_head=self.mixup_head,
+            mixed_neighbours=self.mixed_neighbours,
+            centre_momentum=self.centre_momentum,
+            label_smoothing=self.label_smoothing,
+            pseudo_weight=self.pseudo_weight,
+            split_batch=bool(self.split_batch),
+        )
 
     def resolved(self) -> "RunConfig":
         """Fill the values that depend on others (per-method weights, eval cadence)."""

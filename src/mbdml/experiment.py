@@ -56,8 +56,10 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
 
     Options that concern only some methods go to those: ``--pseudo_augment`` to the
     semi-supervised ones (the others have no pseudo-labelled images), ``split_batch``
-    and ``scale_mixup`` by the preset's per-method value unless given."""
+    and ``scale_mixup`` by the preset's per-method value unless given. Every run's
+    configuration is checked whole before any run starts."""
     from .methods import METHODS
+    from .train import check_config
 
     if runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {runs}")
@@ -76,7 +78,7 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
                 elif method in METHODS:  # they label the unlabelled images themselves
                     cfg = dataclasses.replace(cfg, teacher_epochs=None, student_init="pretrained")
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
-                jobs.append(Job(dataset, method, run, cfg.resolved(), run_dir))
+                jobs.append(Job(dataset, method, run, check_config(cfg), run_dir))
     return jobs
 
 
@@ -133,14 +135,14 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
     """Train (or finish) one run; returns its summary. Runs in a worker process too."""
     import torch
 
-    from .train import Trainer
+    from .train import build_trainer
 
     if threads:
         torch.set_num_threads(threads)
     state = _check_existing(job)
     if state == "done":
         return json.loads((job.run_dir / "summary.json").read_text())
-    trainer = Trainer(job.config, run_dir=job.run_dir, resume=state == "resume")
+    trainer = build_trainer(job.config, run_dir=job.run_dir, resume=state == "resume")
     return trainer.run().summary
 
 
@@ -173,7 +175,7 @@ def compare(
         json.dumps({"datasets": datasets, "methods": methods, "runs": runs, "base": base.to_dict()}, indent=2, sort_keys=True) + "\n"
     )
     log.info("%d runs in the comparison, %d already finished, %d to do (%d in parallel)", len(all_jobs), len(all_jobs) - len(todo), len(todo), jobs)
-    from .train import progress_bar
+    from .progress import progress_bar
 
     bar = progress_bar(desc="runs", enabled=progress, total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run")
     failures: list[str] = []

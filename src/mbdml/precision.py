@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from .config import AMP_CHOICES
+AMP_CHOICES = ("none", "bf16", "auto")  # --amp
 
 log = logging.getLogger("mbdml")
 
