@@ -53,6 +53,7 @@ from .environment import resolve_device
 from .errors import CheckpointError, ConfigError
 from .feature_cache import FrozenFeatureCache, same_frozen_stages
 from .kernel import NNGKClassifier
+from .methods import METHODS
 from .models import EmbeddingNet
 from .pseudo_labels import PseudoLabeller, select_pseudo_labels
 from .precision import resolve_amp
@@ -354,6 +355,28 @@ class SelfTraining(Algorithm):
         self.stats: dict[str, Any] = {}  # the labelling's figures, for the log and the summary
         self.shared: SharedFeatures | None = None  # the teacher's frozen-stage features, until the student takes them
         self.student_init = cfg.student_init
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        semi = METHODS[cfg.method].uses_unlabelled
+        if cfg.teacher is not None and semi:
+            raise ConfigError(
+                f"--teacher labels the unlabelled images once, before training, and method {cfg.method} labels them "
+                "itself as it trains: use one of the two (with --teacher, a supervised method such as mixup or mbdml1)"
+            )
+        if cfg.teacher_epochs is not None:
+            if cfg.teacher is not None:
+                raise ConfigError("--teacher names a finished teacher and --teacher_epochs trains one in this run: drop one of the two")
+            if semi:
+                raise ConfigError(
+                    f"--teacher_epochs trains a teacher that labels the unlabelled images once, and method {cfg.method} labels "
+                    "them itself as it trains: use a supervised method such as mbdml1 or mixup, or drop --teacher_epochs"
+                )
+        if cfg.student_init == "teacher" and cfg.teacher is None and cfg.teacher_epochs is None:
+            raise ConfigError(
+                "--student_init teacher starts a self-training student from its teacher's weights, and this run has no "
+                "teacher: add --teacher FOLDER or --teacher_epochs N, or drop --student_init"
+            )
 
     @classmethod
     def applies_to(cls, cfg: RunConfig) -> bool:

@@ -27,6 +27,7 @@ from .config import RunConfig
 from .data.batches import augment_batch, normalize_batch
 from .data.randaugment import RandAugment, randaugment_batch
 from .engine import Algorithm, Trainer
+from .errors import ConfigError
 from .methods import METHODS, PseudoBatch
 from .pseudo_labels import Labelled, PseudoLabeller, select_pseudo_labels
 from .training_data import training_augmentation
@@ -48,9 +49,13 @@ def pseudo_share(cfg: RunConfig, epoch: int) -> float:
     return float(cfg.pseudo_fraction) * min(1.0, (epoch - start + cfg.update_interval) / span)
 
 
+def _semi_methods() -> list[str]:
+    return [name for name, cls in METHODS.items() if cls.uses_unlabelled]
+
+
 class PseudoLabelTraining(Algorithm):
-    """What both semi-supervised algorithms share: their options, the labeller, and how
-    a pseudo-labelled batch is made from labelled rows."""
+    """What both semi-supervised algorithms share: their options, their checks, the
+    labeller, and how a pseudo-labelled batch is made from labelled rows."""
 
     feeds_unlabelled = True
 
@@ -61,6 +66,31 @@ class PseudoLabelTraining(Algorithm):
         self.ratio = cfg.pseudo_ratio
         self.labeller = cfg.pseudo_labeller
         self.strong = strong_augmentation(cfg) if cfg.pseudo_augment == "randaugment" else None
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        method_cls = METHODS[cfg.method]
+        if cfg.pseudo_online and cfg.pseudo_fraction is not None:
+            raise ConfigError(
+                "--pseudo_online labels the images drawn at each step and keeps those whose confidence reaches "
+                "--pseudo_threshold; --pseudo_fraction ranks the whole unlabelled set at a refresh: drop one of the two"
+            )
+        if cfg.pseudo_augment != "standard" and not method_cls.uses_unlabelled:
+            raise ConfigError(
+                f"--pseudo_augment {cfg.pseudo_augment} augments the pseudo-labelled images, and method {cfg.method} has "
+                f"none; use a semi-supervised method ({', '.join(_semi_methods())}) or drop --pseudo_augment"
+            )
+        if cfg.pseudo_online and not method_cls.uses_unlabelled:
+            raise ConfigError(
+                f"--pseudo_online labels unlabelled images as they are drawn, and method {cfg.method} trains on none; "
+                f"use a semi-supervised method ({', '.join(_semi_methods())}) or drop --pseudo_online"
+            )
+        if cfg.pseudo_labeller in ("head", "mean") and method_cls.uses_unlabelled and not method_cls.has_head:
+            with_head = [name for name, c in METHODS.items() if c.uses_unlabelled and c.has_head]
+            raise ConfigError(
+                f"pseudo_labeller {cfg.pseudo_labeller} reads the mixup head's softmax, and method {cfg.method} has no head; "
+                f"use --pseudo_labeller kernel, or a method with one: {', '.join(with_head)}"
+            )
 
     def pseudo_labeller(self, trainer: Trainer) -> PseudoLabeller:
         """The labeller on the trainer's kernel classifier (its current centres) and head."""

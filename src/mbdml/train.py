@@ -26,8 +26,11 @@ def check_config(cfg: RunConfig) -> RunConfig:
     """``cfg`` resolved and checked whole: each option's rules, the components' and every
     training algorithm's (each checks its own options, whichever the configuration asks for)."""
     cfg = cfg.resolved()
+    checked = set()
     for algorithm in ALGORITHMS:
-        algorithm.check(cfg)
+        if algorithm.check.__func__ not in checked:  # a check two algorithms inherit runs once
+            checked.add(algorithm.check.__func__)
+            algorithm.check(cfg)
     return cfg
 
 
