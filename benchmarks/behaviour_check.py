@@ -188,9 +188,24 @@ def _diff(a: Any, b: Any, where: str, out: list[str]) -> None:
         out.append(f"{where}: {a!r} before, {b!r} after")
 
 
+def evaluate_disagrees(cases: dict[str, Any]) -> list[str]:
+    """The cases whose ``mbdml evaluate`` of the last checkpoint printed other figures than
+    the final model's in summary.json (they are printed with two decimals)."""
+    out = []
+    for name, case in sorted(cases.items()):
+        printed, final = case.get("evaluate_last", {}), case.get("summary", {}).get("final", {})
+        if any(final.get(k) is not None and round(100 * final[k], 2) != printed.get(k) for k in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")):
+            out.append(name)
+    return out
+
+
 def compare(before_path: Path, after_path: Path, ignore: list[str]) -> int:
     """Print each case's differences; exit status 1 when any figure differs."""
     before, after = json.loads(before_path.read_text())["cases"], json.loads(after_path.read_text())["cases"]
+    for label, cases in (("before", before), ("after", after)):
+        disagree = evaluate_disagrees(cases)
+        print(f"{label}: 'mbdml evaluate' prints the summary's final figures in {len(cases) - len(disagree)} of {len(cases)} cases"
+              + (f" (not in: {', '.join(disagree)})" if disagree else ""))
     failed = 0
     for name in sorted(set(before) | set(after)):
         if name not in before or name not in after:
@@ -223,7 +238,8 @@ def main() -> None:
     c = sub.add_parser("compare", help="compare two files written by 'run'")
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
-    c.add_argument("--ignore", default="", help="comma-separated parts left out of the comparison (e.g. evaluate_last)")
+    c.add_argument("--ignore", default="", help="comma-separated parts of a case left out of the comparison (summary, rows, "
+                   "teacher_rows, evaluate_last)")
     args = p.parse_args()
     if args.command == "run":
         if args.list:
