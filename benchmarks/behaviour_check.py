@@ -107,13 +107,16 @@ def _number(text: str) -> Any:
 
 
 def _timing(key: str) -> bool:
-    return key.endswith("_s") or key in ("seconds", "train_seconds_per_epoch", "run_dir", "teacher")
+    """Times, dates and paths: they differ from one run to the next."""
+    return key.endswith("_s") or key in ("seconds", "train_seconds_per_epoch", "finished", "run_dir", "teacher")
 
 
 def _strip(value: Any) -> Any:
     """``value`` without timings and paths (recursively)."""
     if isinstance(value, dict):
         return {k: _strip(v) for k, v in value.items() if not _timing(k)}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
     return value
 
 
@@ -212,8 +215,8 @@ def compare(before_path: Path, after_path: Path, ignore: list[str]) -> int:
             print(f"{name}: only in {'after' if name not in before else 'before'}")
             continue
         diffs: list[str] = []
-        a = {k: v for k, v in before[name].items() if k not in ignore and k != "command"}
-        b = {k: v for k, v in after[name].items() if k not in ignore and k != "command"}
+        a = _strip({k: v for k, v in before[name].items() if k not in ignore and k != "command"})
+        b = _strip({k: v for k, v in after[name].items() if k not in ignore and k != "command"})
         _diff(a, b, name, diffs)
         rows = len(before[name].get("rows", []))
         if diffs:
