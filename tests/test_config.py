@@ -168,3 +168,13 @@ def test_a_config_saved_before_class_floor_existed_loads_with_the_floor_it_ran_w
     assert RunConfig.from_dict({**old, "class_floor": "authors"}).class_floor == "authors"
     with pytest.raises(ConfigError, match="class_floor"):
         RunConfig.from_dict({**old, "class_floor": "later"}).validate()
+
+
+def test_mean_and_std_may_be_given_as_lists_of_numbers():
+    """A Python caller's lists (as JSON settings give them) are accepted as the tuples they stand for."""
+    cfg = make_config(mean=[0.2, 0.4, 0.6], std=[0.5, 0.5, 0.5]).resolved()
+    assert cfg.to_dict()["mean"] == [0.2, 0.4, 0.6]
+    with pytest.raises(ConfigError, match="mean must be a list of numbers"):
+        make_config(mean=["a"]).resolved()
+    with pytest.raises(ConfigError, match="std must be a list of numbers"):
+        make_config(std=0.5).resolved()

@@ -241,7 +241,7 @@ def _type_check(name: str, value: Any, annotation: str) -> None:
     elif annotation.startswith("str"):
         ok, what = isinstance(value, str), "a string"
     elif annotation.startswith("tuple"):
-        ok = isinstance(value, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ok = isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         what = "a list of numbers"
     else:  # pragma: no cover - every field has one of the types above
         ok, what = True, ""
