@@ -18,7 +18,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
 import struct
 import tarfile
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mbdml.data.cifar_pickle import read_cifar_pickle
 from mbdml.errors import ConfigError, DataError
 
 logger = logging.getLogger("mbdml")
@@ -559,21 +559,13 @@ def _dict_get(d: dict[Any, Any], key: str, path: Path) -> Any:
 
 
 def _unpickle(path: Path) -> dict[Any, Any]:
-    # The CIFAR python files are pickles: unpickling runs code chosen by whoever wrote
-    # the file, so only load files you trust (the official archives).
+    """A CIFAR pickle's dict, read without running code (:mod:`mbdml.data.cifar_pickle`)."""
     if not path.is_file():
         raise DataError(
             f"CIFAR file '{path}' is missing; unpack the CIFAR 'python version' archive there "
             f"(CIFAR-10: data_batch_1..5, test_batch, batches.meta; CIFAR-100: train, test, meta)"
         )
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(
-            f"cannot read CIFAR file '{path}' ({type(exc).__name__}: {exc}); replace it with the file "
-            f"from a fresh copy of the CIFAR 'python version' archive"
-        ) from exc
+    obj = read_cifar_pickle(path)
     if not isinstance(obj, dict):
         raise DataError(
             f"CIFAR file '{path}' holds a {type(obj).__name__}, not a dict; replace it with the file from the "
@@ -582,10 +574,44 @@ def _unpickle(path: Path) -> dict[Any, Any]:
     return obj
 
 
+def _class_names(raw: Any, path: Path, key: str) -> list[str]:
+    """The meta file's class names: a non-empty list of text or byte strings."""
+    what = None
+    if not isinstance(raw, list):
+        what = f"a {type(raw).__name__}"
+    elif not raw:
+        what = "an empty list"
+    else:
+        bad = [n for n in raw if not isinstance(n, (str, bytes))]
+        if bad:
+            what = f"a list holding a {type(bad[0]).__name__} ({str(bad[0])[:40]!r})"
+    if what is not None:
+        raise DataError(
+            f"CIFAR file '{path}' has '{key}' as {what}, not a list of class names (strings); replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        )
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in raw]
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"CIFAR file '{path}' has a class name in '{key}' that is not UTF-8 text ({exc}); replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        ) from None
+
+
 def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     data = np.asarray(_dict_get(d, "data", path))
-    labels = np.asarray(_dict_get(d, label_key, path))
+    raw_labels = _dict_get(d, label_key, path)
+    if isinstance(raw_labels, np.ndarray) and raw_labels.dtype.kind in "iu":
+        labels = raw_labels
+    elif isinstance(raw_labels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in raw_labels):
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    else:
+        raise DataError(
+            f"CIFAR file '{path}' has '{label_key}' that is not a list of whole numbers; replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        )
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(
             f"CIFAR file '{path}' has 'data' of dtype {data.dtype} and shape {data.shape}, not uint8 (N, 3072); "
@@ -611,7 +637,9 @@ def load_cifar_pickle(root: str | Path, train: bool) -> ImageSet:
     CIFAR-10: ``data_batch_1..5``/``test_batch`` with ``batches.meta``; CIFAR-100:
     ``train``/``test`` with ``meta`` (fine labels). ``root`` may also be the folder
     holding ``cifar-10-batches-py`` or ``cifar-100-python``. The files are Python
-    pickles: unpickling can run arbitrary code, so only load files you trust.
+    pickles, read by a restricted unpickler (:mod:`mbdml.data.cifar_pickle`): a file
+    that asks for anything but dicts, lists, strings, numbers and numeric arrays is
+    refused, and nothing in it runs.
     """
     root = _resolve_cifar_root(Path(root).expanduser())
     if not root.is_dir():
@@ -629,8 +657,8 @@ def load_cifar_pickle(root: str | Path, train: bool) -> ImageSet:
             f"'{root}' holds no CIFAR python files (neither 'batches.meta' nor 'meta'); pass the folder of the "
             f"unpacked 'python version' archive (cifar-10-batches-py or cifar-100-python)"
         )
-    raw_names = _dict_get(meta, names_key, root / ("batches.meta" if label_key == "labels" else "meta"))
-    classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw_names]
+    meta_path = root / ("batches.meta" if label_key == "labels" else "meta")
+    classes = _class_names(_dict_get(meta, names_key, meta_path), meta_path, names_key)
     parts = [_cifar_batch(f, label_key, len(classes)) for f in files]
     images = torch.from_numpy(np.ascontiguousarray(np.concatenate([p[0] for p in parts])))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
