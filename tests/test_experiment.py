@@ -134,7 +134,7 @@ def stamps(root):
 def test_a_folder_made_with_other_settings_is_refused_with_what_differs(folder, tmp_path, change, methods, needle):
     before, compare_json = stamps(folder), (folder / "compare.json").read_text()
     with pytest.raises(ConfigError, match="holds runs made with other settings") as err:
-        compare(base(tmp_path, max_epochs=1, **{**change}), ["digits"], methods, runs=2, results_dir=folder, progress=False)
+        compare(base(tmp_path, **{"max_epochs": 1, **change}), ["digits"], methods, runs=2, results_dir=folder, progress=False)
     assert needle in str(err.value) and "Use another --results_dir, or the same settings" in str(err.value)
     assert stamps(folder) == before and (folder / "compare.json").read_text() == compare_json
     assert not (folder / "digits" / "mbdml2").exists()
@@ -151,7 +151,7 @@ def test_settings_that_change_no_result_may_differ(folder, tmp_path):
 def test_the_table_shows_exactly_the_methods_runs_and_data_sets_asked_for(folder, capsys):
     assert main(["compare", "--methods", "nngk", "--runs", "1", "--results_dir", str(folder), *TINY_FLAGS]) == 0
     out = capsys.readouterr().out
-    assert "NNGK" in out and "Mixup" not in out and "over 1 run:" in out and "over 2 runs" not in out
+    assert "NNGK" in out and "Mixup" not in out and "over 1 run\n" in out and "over 2 runs" not in out
     with open(folder / "runs.csv", newline="") as f:
         assert [(r["method"], r["run"]) for r in csv.DictReader(f)] == [("nngk", "0")]
 

@@ -184,6 +184,8 @@ def check_model_state(state: dict[str, Any], path: str | Path, fix: str = "use t
         ("method", True, _tensor_dict, "a dictionary of tensors (the kernel classifier's and the method's weights)"),
         ("epoch", False, _whole, "a whole number of epochs"),
         ("classes", False, lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v)), "a list of class names"),
+        ("image_shape", False, lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(_whole(n) and n > 0 for n in v)),
+         "a list of 3 whole numbers (channels, height, width)"),
     ], fix)
     count = state["method"].get("kernel._num_classes_buf")
     if count is None or count.numel() != 1 or count.is_floating_point() or int(count) < 1:
