@@ -57,7 +57,9 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def _reason(exc: BaseException, folder: Path | None = None) -> str:
+def write_failure_reason(exc: BaseException, folder: Path | None = None) -> str:
+    """What went wrong in a failed write, in words (a file in the way of ``folder``, the
+    system's reason, or what torch.save's RuntimeError means)."""
     if isinstance(exc, (FileExistsError, NotADirectoryError)) and folder is not None:
         blocking = _file_in_the_way(folder)
         if blocking is not None:
@@ -67,6 +69,8 @@ def _reason(exc: BaseException, folder: Path | None = None) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "no space" in text.lower():
         return "No space left on device"
+    if "unexpected pos" in text or "write failed" in text or "failed writing" in text:
+        return "the file stopped growing: the disk is full, or a quota or file size limit was reached"
     return f"the write failed: {text[:160]}"
 
 
@@ -90,7 +94,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any], fix: str | None 
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CheckpointError(
-            f"cannot write to {path.parent} ({_reason(exc, path.parent)}); {fix or 'free disk space or choose another --save_dir'}"
+            f"cannot write to {path.parent} ({write_failure_reason(exc, path.parent)}); {fix or 'free disk space or choose another --save_dir'}"
         ) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # what open() would give, not mkstemp's owner-only 0600
@@ -107,7 +111,7 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any], fix: str | None 
         if not is_write_failure(exc):
             raise
         raise CheckpointError(
-            f"could not write {path} ({_reason(exc)}); the previous file there is intact. {fix or _RESUME_FIX}"
+            f"could not write {path} ({write_failure_reason(exc)}); the previous file there is intact. {fix or _RESUME_FIX}"
         ) from None
 
 
@@ -164,7 +168,7 @@ def _check_entries(state: dict[str, Any], path: Path, rules: list[tuple[str, boo
     for key, required, ok, want in rules:
         if key not in state:
             if required:
-                raise CheckpointError(f"checkpoint {path} has no '{key}' ({want}); it was not written by mbdml, or was edited: {fix}")
+                raise CheckpointError(f"checkpoint {path} has no '{key}' entry ({want}); it was not written by mbdml, or was edited: {fix}")
             continue
         if not ok(state[key]):
             raise CheckpointError(
@@ -180,12 +184,12 @@ def check_model_state(state: dict[str, Any], path: str | Path, fix: str = "use t
     what is missing or of the wrong type."""
     path = Path(path)
     _check_entries(state, path, [
-        ("model", True, _tensor_dict, "a dictionary of tensors (the network's weights)"),
-        ("method", True, _tensor_dict, "a dictionary of tensors (the kernel classifier's and the method's weights)"),
+        ("model", True, _tensor_dict, "a dictionary of tensors: the network's weights"),
+        ("method", True, _tensor_dict, "a dictionary of tensors: the kernel classifier's and the method's weights"),
         ("epoch", False, _whole, "a whole number of epochs"),
         ("classes", False, lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v)), "a list of class names"),
         ("image_shape", False, lambda v: v is None or (isinstance(v, list) and len(v) == 3 and all(_whole(n) and n > 0 for n in v)),
-         "a list of 3 whole numbers (channels, height, width)"),
+         "three whole numbers: channels, height, width"),
     ], fix)
     count = state["method"].get("kernel._num_classes_buf")
     if count is None or count.numel() != 1 or count.is_floating_point() or int(count) < 1:
@@ -204,17 +208,17 @@ def check_resume_state(state: dict[str, Any], path: str | Path) -> None:
     _check_entries(state, Path(path), [
         ("epoch", True, _whole, "a whole number of epochs"),
         ("optimizer", True, lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
-         "an optimiser state (a dictionary with 'state' and 'param_groups')"),
-        ("data_gen", True, lambda v: isinstance(v, torch.Tensor), "a random generator state (a tensor)"),
-        ("mix_gen", True, lambda v: isinstance(v, torch.Tensor), "a random generator state (a tensor)"),
-        ("torch_rng", True, lambda v: isinstance(v, torch.Tensor), "a random generator state (a tensor)"),
+         "an optimiser state: a dictionary with 'state' and 'param_groups'"),
+        ("data_gen", True, lambda v: isinstance(v, torch.Tensor), "a random generator state: a tensor"),
+        ("mix_gen", True, lambda v: isinstance(v, torch.Tensor), "a random generator state: a tensor"),
+        ("torch_rng", True, lambda v: isinstance(v, torch.Tensor), "a random generator state: a tensor"),
         ("history", True, lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of per-epoch rows"),
         ("best", True, lambda v: isinstance(v, dict), "a dictionary of the best epochs"),
         ("world_size", False, lambda v: _whole(v) and v >= 1, "a whole number of processes"),
         ("mix_gen_ranks", False, _tensors, "a list of random generator states"),
         ("torch_rng_ranks", False, _tensors, "a list of random generator states"),
         ("centres_fresh", False, lambda v: isinstance(v, bool), "true or false"),
-        ("pseudo", False, lambda v: v is None or (_tensors(v) and len(v) == 3), "none or three tensors (the pseudo-labels)"),
+        ("pseudo", False, lambda v: v is None or (_tensors(v) and len(v) == 3), "none or three tensors: the pseudo-labels"),
         ("seconds", False, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number of seconds"),
     ], fix)
 
@@ -243,7 +247,7 @@ class RunFolderLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise CheckpointError(f"cannot write to the run folder {self.folder} ({_reason(exc, self.folder)}); check its permissions") from None
+            raise CheckpointError(f"cannot write to the run folder {self.folder} ({write_failure_reason(exc, self.folder)}); check its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -308,7 +312,7 @@ def remove_leftover_temp_files(folder: str | Path) -> int:
 
 
 def _cannot_create(folder: Path, exc: OSError, fix: str) -> CheckpointError:
-    return CheckpointError(f"cannot create the run folder {folder} ({_reason(exc, folder)}); {fix}")
+    return CheckpointError(f"cannot create the run folder {folder} ({write_failure_reason(exc, folder)}); {fix}")
 
 
 def claim_run_dir(folder: str | Path, fix: str = "choose another --save_dir") -> RunFolderLock:

@@ -167,7 +167,7 @@ def test_self_referencing_containers_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "names, what",
-    [([1, 2, 3], "a list holding a int"), (b"airplane", "as a bytes"), ([], "an empty list"), ({"a": 1}, "as a dict")],
+    [([1, 2, 3], "a list holding int values such as '1'"), (b"airplane", "as a bytes"), ([], "an empty list"), ({"a": 1}, "as a dict")],
 )
 def test_label_names_that_are_not_a_list_of_strings_are_named(tmp_path: Path, names: object, what: str) -> None:
     _evil_cifar_folder(tmp_path, names)

@@ -574,7 +574,7 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
 def _write_cache(path: Path, data: ImageSet, skipped: list[str]) -> None:
     """Store the decoded set atomically; a full disk or an unwritable folder only costs the cache
     (a warning, and no partial file is left)."""
-    from mbdml.checkpoint import is_write_failure
+    from mbdml.checkpoint import is_write_failure, write_failure_reason
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -595,7 +595,7 @@ def _write_cache(path: Path, data: ImageSet, skipped: list[str]) -> None:
             pass
         if not is_write_failure(exc):
             raise
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = write_failure_reason(exc, path.parent)
         logger.warning(
             "cannot write image cache '%s' (%s); continuing without it: free disk space in '%s' or pass another "
             "--cache_dir to keep the decoded images for the next run",
@@ -741,7 +741,7 @@ def _class_names(raw: Any, path: Path, key: str) -> list[str]:
     else:
         bad = [n for n in raw if not isinstance(n, (str, bytes))]
         if bad:
-            what = f"a list holding a {type(bad[0]).__name__} ({str(bad[0])[:40]!r})"
+            what = f"a list holding {type(bad[0]).__name__} values such as {str(bad[0])[:40]!r}"
     if what is not None:
         raise DataError(
             f"CIFAR file '{path}' has '{key}' as {what}, not a list of class names (strings); replace it with the "
