@@ -469,7 +469,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot write {doc}: {blocking} is a file, not a folder; give another --doc path")
         try:
             doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), records=records), encoding="utf-8")
+            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), runs_by_folder=records), encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot write {doc} ({e.strerror or e}); give a writable --doc path") from None
         written.append(str(doc))

@@ -720,22 +720,22 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
 
 
 def results_document(results_dirs: Sequence[str | Path], reference: str = "nngk", metric: str = "nngk_acc",
-                     command: str | None = None, records: Mapping[Any, Sequence[RunRecord]] | None = None) -> str:
+                     command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None) -> str:
     """A Markdown page of the tables of several results folders, written from their run files.
 
     For each folder: how its runs were made (commands, commit, machine, dates, minutes
     per run, all read from the runs' environment.json and summary.json), the tables of
     the final and the best-on-validation model, the paired differences against
     ``reference``, and the authors' best-on-test figure as a marked extra. ``command``
-    is the command that wrote the page, named at its top. ``records``, keyed by folder,
-    are runs already read (default: each folder is read here).
+    is the command that wrote the page, named at its top. ``runs_by_folder``, keyed by
+    folder, are runs already read (default: each folder is read here).
     """
     out = ["# Results", ""]
     if command:
         out += [f"Written by `{command}` from the run summaries; do not edit by hand.", ""]
-    read = records
     for folder in results_dirs:
-        records = list(read[folder]) if read is not None and folder in read else collect_runs(folder)
+        read = runs_by_folder.get(folder) if runs_by_folder is not None else None
+        records = list(read) if read is not None else collect_runs(folder)
         out += [f"## {Path(folder).as_posix()}", ""]
         out += _provenance(records)
         for selection in ("final", "best_val"):
