@@ -64,7 +64,7 @@ class RunConfig:
     input_size: int | None = None  # resize every image to this square size once, at load
     on_bad_image: str = "error"  # error | skip
     # image files of more pixels are refused before decoding (decompression bombs); None: no cap
-    max_image_pixels: int | None = 100_000_000
+    max_image_pixels: int | None = 100_000_000  # mbdml.data.sources.DEFAULT_MAX_IMAGE_PIXELS
     cache_dir: str = ".cache/mbdml"
     labelled_fraction: float = 0.1
     split: str = "random"  # random | folds

@@ -308,6 +308,9 @@ def test_an_image_of_more_pixels_than_the_cap_is_refused_before_decoding(tmp_pat
         load_image_folder(tmp_path, im_ext="png", max_image_pixels=399)
     with pytest.raises(ConfigError, match="--max_image_pixels"):
         load_image_folder(tmp_path, im_ext="png", max_image_pixels=0)
+    from mbdml.config import RunConfig
+
+    assert RunConfig().max_image_pixels == sources.DEFAULT_MAX_IMAGE_PIXELS  # a run's default is the loader's
 
 
 def test_a_single_class_data_set_is_refused(tmp_path: Path) -> None:
