@@ -38,8 +38,11 @@ def str2bool(text: str) -> bool:
 
 
 def optional_int(text: str) -> int | None:
-    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features)."""
-    if str(text).strip().lower() in ("none", "null", "raw", "0"):
+    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features).
+
+    0 is the number 0 (--pseudo_start 0: from the first epoch), never 'none'; each
+    setting then accepts it with its meaning or refuses it."""
+    if str(text).strip().lower() in ("none", "null", "raw"):
         return None
     try:
         return int(text)
@@ -92,7 +95,10 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
         g.add_argument("--dataset", default=S, help="digits (built in), fashion-mnist, cifar10 (the JPEG archive), or a folder (default digits)")
         g.add_argument("--data_dir", default=S, help="the authors' flag: a folder with one sub-folder of images per class (labelled training images)")
         g.add_argument("--test", dest="test_dir", default=S, help="the authors' flag: the test folder (one sub-folder per class)")
-    g.add_argument("--im_ext", default=S, help="image file extension in class folders (default jpg)")
+    g.add_argument("--im_ext", default=S, help="image file extension in class folders, or several with commas: jpg,jpeg,png (default jpg)")
+    g.add_argument("--max_image_pixels", type=optional_int, default=S,
+                   help="refuse image files of more pixels than this before decoding them (a decompression bomb: a small file "
+                        "that decodes to gigabytes); none: no cap (default 100000000, 100 megapixels)")
     g.add_argument("--num_classes", type=int, default=S, help="number of classes; checked against the data")
     g.add_argument("--input_size", type=int, default=S, help="resize images to this square size once, when loading")
     g.add_argument("--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default=S, help="what to do with an unreadable image (default error)")
@@ -140,7 +146,7 @@ def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> N
 
     g = p.add_argument_group("semi-supervised (methods mbdml_semi, mbdml1_semi: the unlabelled images get pseudo-labels)")
     g.add_argument("--pseudo_threshold", type=finite_float, default=S, help="kernel-classifier confidence an unlabelled image needs to be used (default 0.9)")
-    g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based) that uses pseudo-labels; labelled images only before (default: a quarter of the epochs)")
+    g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based; 0 is the first) that uses pseudo-labels; labelled images only before (default none: a quarter of the epochs)")
     g.add_argument(
         "--pseudo_fraction", type=optional_float, default=S,
         help="select by rank instead of by --pseudo_threshold: per predicted class, the most confident unlabelled images, "
@@ -344,7 +350,10 @@ def format_summary_table(summary: dict[str, Any]) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "mbdml_cli", False)]:  # main() called again: one handler
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.mbdml_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -416,40 +425,42 @@ def _method_list(text: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiment import compare
+    from .experiment import compare, comparison_runs
     from .report import report_text
 
     base = config_from_args(args)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    methods = _method_list(args.methods)
     paths = compare(
-        base, datasets, _method_list(args.methods), runs=args.runs, results_dir=args.results_dir, jobs=args.jobs,
+        base, datasets, methods, runs=args.runs, results_dir=args.results_dir, jobs=args.jobs,
         progress=getattr(args, "progress", True), reference=args.reference,
     )
-    print(report_text(args.results_dir, reference=args.reference))
+    asked = comparison_runs(args.results_dir, datasets, methods, args.runs)
+    print(report_text(args.results_dir, reference=args.reference, records=asked))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .experiment import write_outputs
-    from .report import report_text, results_document
+    from .report import collect_runs, report_text, results_document
 
     written: list[str] = []
+    records = {folder: collect_runs(folder) for folder in args.results_dir}  # each read once: each warning once
     for folder in args.results_dir:
-        paths = write_outputs(folder, reference=args.reference)
-        print(report_text(folder, reference=args.reference))
+        paths = write_outputs(folder, records[folder], reference=args.reference)
+        print(report_text(folder, reference=args.reference, records=records[folder]))
         written += [str(p) for p in paths.values()]
     if args.versus is not None:
-        from .report import collect_runs, format_paired, paired_between
+        from .report import format_paired, paired_between
 
         others = collect_runs(args.versus)
         for folder in args.results_dir:
-            records = collect_runs(folder)
             for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
                 title = f"{folder} against {args.versus}, {what}: paired difference over the runs on the same splits"
-                print(format_paired(paired_between(records, others, selection), args.versus, style="text", title=title))
+                print(format_paired(paired_between(records[folder], others, selection), args.versus, style="text", title=title))
     if args.doc is not None:
         words = ["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else []) + ["--doc", args.doc]
         doc = Path(args.doc)
@@ -458,7 +469,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot write {doc}: {blocking} is a file, not a folder; give another --doc path")
         try:
             doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words)), encoding="utf-8")
+            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), runs_by_folder=records), encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot write {doc} ({e.strerror or e}); give a writable --doc path") from None
         written.append(str(doc))
@@ -479,7 +490,8 @@ def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any,
 
     cfg = run.config
     spec = dataset or cfg.dataset
-    train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size, on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir)
+    train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size,
+                               on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir, max_image_pixels=cfg.max_image_pixels)
     return train, test
 
 
@@ -505,7 +517,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         from .checkpoint import save_json
 
-        save_json(metrics, args.out)
+        save_json(metrics, args.out, fix="pass another --out")
     return 0
 
 
@@ -516,6 +528,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .evaluate import compute_embeddings
     from .train import load_run, resolve_device
 
+    path = Path(args.out)
+    if path.suffix not in (".pt", ".npz"):
+        raise ConfigError(f"--out {path}: use a .npz or .pt file name")
     device = resolve_device(args.device)
     run = load_run(args.run_dir, args.which, device=str(device))
     train, test = _data_for(run, args.dataset, args.test_dir)
@@ -526,14 +541,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         _check_classes(run, data)
         out[f"{name}_embeddings"] = compute_embeddings(run.model, data.images, device=device, mean=cfg.mean, std=cfg.std).cpu()
         out[f"{name}_labels"] = data.labels.cpu()
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write
+
     if path.suffix == ".pt":
-        torch.save(out, path)
-    elif path.suffix == ".npz":
-        np.savez(path, **{k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in out.items()})
+        atomic_write(path, lambda f: torch.save(out, f), fix="pass another --out")
     else:
-        raise ConfigError(f"--out {path}: use a .npz or .pt file name")
+        arrays = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in out.items()}
+        atomic_write(path, lambda f: np.savez(f, **arrays), fix="pass another --out")
     sizes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in out.items() if hasattr(v, "shape"))
     print(f"wrote {path} ({sizes})")
     return 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class RunConfig:
     num_classes: int | None = None  # checked against the data when given
     input_size: int | None = None  # resize every image to this square size once, at load
     on_bad_image: str = "error"  # error | skip
+    # image files of more pixels are refused before decoding (decompression bombs); None: no cap
+    max_image_pixels: int | None = 100_000_000  # mbdml.data.sources.DEFAULT_MAX_IMAGE_PIXELS
     cache_dir: str = ".cache/mbdml"
     labelled_fraction: float = 0.1
     split: str = "random"  # random | folds
@@ -252,7 +255,10 @@ class RunConfig:
             )
         if self.teacher_epochs is not None:
             if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 1:
-                raise ConfigError(f"teacher_epochs must be a whole number >= 1 (the teacher stage's epochs), got {self.teacher_epochs!r}")
+                raise ConfigError(
+                    f"teacher_epochs must be a whole number >= 1 (the teacher stage's epochs), got {self.teacher_epochs!r}; "
+                    "pass none (or leave it out) for no teacher stage"
+                )
             if self.teacher is not None:
                 raise ConfigError(
                     "--teacher names a finished teacher and --teacher_epochs trains one in this run: drop one of the two"
@@ -297,6 +303,9 @@ class RunConfig:
                 f"freeze_stages {self.freeze_stages} would fix randomly initialised layers: it is for a pretrained "
                 "trunk; pass --pretrained (e.g. --model efficientnet_lite0 --pretrained imagenet) or --freeze_stages 0"
             )
+        from .data.sources import check_max_image_pixels
+
+        check_max_image_pixels(self.max_image_pixels)
         if self.input_size is not None and self.input_size < 8:
             raise ConfigError(f"input_size must be at least 8 pixels, got {self.input_size}")
         if self.crop_padding is not None and self.crop_padding < 0:
@@ -320,9 +329,32 @@ class RunConfig:
             cfg.crop_padding = max(1, image_side // 8)
         return cfg
 
-    def resolved(self) -> "RunConfig":
-        """Fill the values that depend on others (per-method weights, eval cadence)."""
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose paths (a data folder, --test, --teacher, a --pretrained file, --cache_dir)
+        are absolute: a saved run then reads the same files from any working folder, and one
+        folder named once relative and once absolute is one folder."""
+        from .data.sources import is_dataset_name
+        from .models.embedding import means_no_pretrained
+
+        def absolute(path: str) -> str:
+            return os.path.abspath(os.path.expanduser(path))
+
         cfg = dataclasses.replace(self)
+        if not is_dataset_name(cfg.dataset):
+            cfg.dataset = absolute(cfg.dataset)
+        if cfg.test_dir is not None:
+            cfg.test_dir = absolute(cfg.test_dir)
+        if cfg.teacher is not None:
+            cfg.teacher = absolute(cfg.teacher)
+        if isinstance(cfg.pretrained, str) and not means_no_pretrained(cfg.pretrained) and cfg.pretrained.strip().lower() not in ("true", "imagenet"):
+            cfg.pretrained = absolute(cfg.pretrained)
+        cfg.cache_dir = absolute(cfg.cache_dir)
+        return cfg
+
+    def resolved(self) -> "RunConfig":
+        """Fill the values that depend on others (per-method weights, eval cadence), and make
+        the paths absolute (:meth:`with_absolute_paths`)."""
+        cfg = self.with_absolute_paths()
         if cfg.scale_mixup is None:
             cfg.scale_mixup = default_scale_mixup(cfg.preset, cfg.method)
         if cfg.split_batch is None:
@@ -358,7 +390,11 @@ class RunConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the configuration as JSON, atomically (a crash leaves the old file or the new one)."""
+        from .checkpoint import atomic_write
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(Path(path), lambda f: f.write(text.encode()))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

@@ -34,10 +34,19 @@ import torch
 
 from . import __version__
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, save_checkpoint, save_json
+from .checkpoint import (
+    check_model_state,
+    check_resume_state,
+    claim_new_run_dir,
+    claim_run_dir,
+    load_checkpoint,
+    next_run_dir,
+    save_checkpoint,
+    save_json,
+)
 from .config import RunConfig
 from .cpu_memory import keep_freed_memory
-from .errors import CheckpointError, ConfigError, DataError, TrainingError
+from .errors import CheckpointError, ConfigError, DataError, MbdmlError, TrainingError
 from .evaluate import compute_embeddings, evaluate_embeddings
 from .feature_cache import FrozenFeatureCache
 from .kernel import NNGKClassifier
@@ -234,13 +243,9 @@ def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.op
 
 
 def unique_run_dir(save_dir: str | Path, name: str) -> Path:
-    """save_dir/name, or name-2, name-3... when that folder already holds a run."""
-    base = Path(save_dir) / name
-    path, i = base, 1
-    while path.exists() and any(path.iterdir()):
-        i += 1
-        path = base.with_name(f"{name}-{i}")
-    return path
+    """save_dir/name, or name-2, name-3... when that folder already holds a run (a folder
+    left by a start that failed before training is used again)."""
+    return next_run_dir(save_dir, name)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -290,6 +295,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         image_size=cfg.input_size,
         on_bad_image=cfg.on_bad_image,
         cache_dir=cfg.cache_dir,
+        max_image_pixels=cfg.max_image_pixels,
     )
     if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
         raise DataError(
@@ -364,6 +370,9 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.device = resolve_device(self.cfg.device)
         self.run_dir = Path(run_dir) if run_dir is not None else unique_run_dir(self.cfg.save_dir, str(self.cfg.name))
+        self._new_run_dir = run_dir is None  # made at run(), atomically; a given one is used as it is
+        self._lock: Any = None
+        self._seconds_before = 0.0  # training time before a resume (saved in last.pt)
         self.data = data
         self.history: list[dict[str, Any]] = []
         self._log_handler: logging.Handler | None = None
@@ -731,10 +740,13 @@ class Trainer:
             "classes": list(self.data.classes),
             "image_shape": list(self.data.train.images.shape[1:]),  # (C, H, W) the network was trained on
             "config": self.cfg.to_dict(),
+            "seconds": self._seconds_before + time.perf_counter() - self._t_start,
         }
 
     def _restore(self) -> tuple[int, dict[str, Any], bool]:
         state = load_checkpoint(self.run_dir / "last.pt", map_location=self.device)
+        check_resume_state(state, self.run_dir / "last.pt")
+        self._seconds_before = float(state.get("seconds", 0.0))
         try:
             self.model.load_state_dict(state["model"])
             self.method.load_state_dict(state["method"])
@@ -768,23 +780,48 @@ class Trainer:
         self.dist = dist_utils.init_distributed(self.device.type, self.cfg.dist_timeout)
         clean = False
         try:
+            if self.dist.is_main:
+                self._claim_run_dir()
             if self.dist.enabled:
                 self._join_job()
             if self.dist.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
                 self._start_log_file()
             try:
                 result = self._run()
                 clean = True
                 return result
-            except Exception as exc:
-                if self.dist.enabled and dist_utils.is_collective_failure(exc):
+            except BaseException as exc:
+                self._log_failure(exc)
+                if isinstance(exc, Exception) and self.dist.enabled and dist_utils.is_collective_failure(exc):
                     raise dist_utils.lost_peer_error(exc, self.dist, self.run_dir) from None
                 raise
             finally:
                 self._stop_log_file()
         finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             dist_utils.shutdown(self.dist, clean=clean)
+
+    def _claim_run_dir(self) -> None:
+        """Create the run folder (a new name atomically) and lock it against a second writer."""
+        if self._new_run_dir:
+            self.run_dir, self._lock = claim_new_run_dir(self.cfg.save_dir, str(self.cfg.name))
+            self._new_run_dir = False
+        else:
+            self._lock = claim_run_dir(self.run_dir)
+
+    def _log_failure(self, exc: BaseException) -> None:
+        """Put why the run stopped into train.log (the command line prints it to the terminal)."""
+        if self._log_handler is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            msg, exc_info = "interrupted; continue with 'mbdml train --resume %s'" % self.run_dir, None
+        elif isinstance(exc, MbdmlError):
+            msg, exc_info = str(exc), None
+        else:
+            msg, exc_info = f"{type(exc).__name__}: {exc}", (type(exc), exc, exc.__traceback__)
+        self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped: %s", (msg,), exc_info))
 
     def _join_job(self) -> None:
         """Per-process device, logging and the run folder chosen by rank 0."""
@@ -809,7 +846,7 @@ class Trainer:
         # what was used, so the run is repeated as it ran.
         self.cfg = dataclasses.replace(self.cfg, amp=resolve_amp(self.cfg.amp, self.device))
         cfg = self.cfg
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         if self.data is None:
             self.data = prepare_data(cfg)
         self.cfg = cfg = cfg.with_data(self.data.train.channels, min(self.data.train.image_size))
@@ -917,7 +954,7 @@ class Trainer:
             )
             if self.on_epoch_end is not None:
                 self.on_epoch_end(row)
-        summary = self._summarise(best, time.perf_counter() - t_start)
+        summary = self._summarise(best, self._seconds_before + time.perf_counter() - t_start)
         if self.dist.is_main:
             save_json(summary, self.run_dir / "summary.json")
             self._plots()
@@ -1094,6 +1131,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     if which == "best" and not path.is_file():
         path = run_dir / "last.pt"  # no validation split: the final model
     state = load_checkpoint(path, map_location=device)
+    check_model_state(state, path)
     kernel_state = {k[len("kernel."):]: v for k, v in state["method"].items() if k.startswith("kernel.")}
     num_classes = int(kernel_state["_num_classes_buf"])
     model, kernel, method = build_components(cfg, _in_channels(state["model"]), num_classes)
