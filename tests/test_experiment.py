@@ -1,14 +1,17 @@
 """The comparison protocol: runs x methods, resumable, parallel, tables from per-run files."""
 
 import csv
+import dataclasses
 import json
+import shutil
 import statistics
 
 import pytest
 
-from mbdml.config import make_config
+from mbdml.cli import main
+from mbdml.config import RunConfig, make_config
 from mbdml.errors import ConfigError
-from mbdml.experiment import compare, plan
+from mbdml.experiment import RESULT_NEUTRAL_FIELDS, compare, plan
 from mbdml.train import train
 
 
@@ -53,7 +56,7 @@ def test_interrupted_compare_skips_finished_runs(tmp_path):
     assert len(again) == 3 and seen[0] not in again
     assert first.stat().st_mtime_ns == stamp
     # Other settings in the same folder are refused rather than mixed into one table.
-    with pytest.raises(ConfigError, match="other settings.*sigma"):
+    with pytest.raises(ConfigError, match="other settings.*sigma: 0.5 there, 0.7 asked"):
         compare(base(tmp_path, sigma=0.7), ["digits"], ["nngk", "mixup"], runs=2, results_dir=out, progress=False)
 
 
@@ -95,3 +98,72 @@ def test_plan_trains_a_teacher_stage_only_for_the_supervised_methods(tmp_path):
     assert got == {"mbdml1": 3, "mbdml1_semi": None, "mixup": 3}
     for j in jobs:
         j.config.validate()
+
+
+# ------------------------------------------------------------------ one folder, one set of settings
+TINY_FLAGS = ["--width", "8", "--embedding_dim", "16", "--max_epochs", "1", "--update_interval", "1", "--k", "20", "--batch_size", "32",
+              "--sigma", "0.5", "--retrieval_metrics", "False", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished comparison: nngk and mixup, two runs each, one epoch."""
+    tmp = tmp_path_factory.mktemp("finished")
+    compare(base(tmp, max_epochs=1), ["digits"], ["nngk", "mixup"], runs=2, results_dir=tmp / "res", progress=False)
+    return tmp / "res"
+
+
+@pytest.fixture
+def folder(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "res")
+    return tmp_path / "res"
+
+
+def stamps(root):
+    return {p: p.stat().st_mtime_ns for p in root.glob("*/*/run*/*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "change, methods, needle",
+    [
+        ({"seed": 1}, ["nngk", "mixup"], "seed: 0 there, 1 asked"),
+        ({"max_epochs": 2}, ["mbdml2"], "max_epochs: 1 there, 2 asked"),  # no run in common: still one table
+        ({"learning_rate": 0.01}, ["nngk"], "learning_rate: 0.001 there, 0.01 asked"),
+    ],
+)
+def test_a_folder_made_with_other_settings_is_refused_with_what_differs(folder, tmp_path, change, methods, needle):
+    before, compare_json = stamps(folder), (folder / "compare.json").read_text()
+    with pytest.raises(ConfigError, match="holds runs made with other settings") as err:
+        compare(base(tmp_path, **{"max_epochs": 1, **change}), ["digits"], methods, runs=2, results_dir=folder, progress=False)
+    assert needle in str(err.value) and "Use another --results_dir, or the same settings" in str(err.value)
+    assert stamps(folder) == before and (folder / "compare.json").read_text() == compare_json
+    assert not (folder / "digits" / "mbdml2").exists()
+
+
+def test_settings_that_change_no_result_may_differ(folder, tmp_path):
+    before = stamps(folder)
+    compare(base(tmp_path, max_epochs=1, cache_dir=str(tmp_path / "elsewhere"), device="cpu", compile=False, tsne_graph=True),
+            ["digits"], ["nngk", "mixup"], runs=2, results_dir=folder, progress=False)
+    assert stamps(folder) == before  # every run was finished already
+    assert set(RESULT_NEUTRAL_FIELDS) < {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_the_table_shows_exactly_the_methods_runs_and_data_sets_asked_for(folder, capsys):
+    assert main(["compare", "--methods", "nngk", "--runs", "1", "--results_dir", str(folder), *TINY_FLAGS]) == 0
+    out = capsys.readouterr().out
+    assert "NNGK" in out and "Mixup" not in out and "over 1 run\n" in out and "over 2 runs" not in out
+    with open(folder / "runs.csv", newline="") as f:
+        assert [(r["method"], r["run"]) for r in csv.DictReader(f)] == [("nngk", "0")]
+
+
+def test_a_corrupt_summary_means_the_run_is_not_finished(folder, tmp_path, capsys):
+    summary = folder / "digits" / "nngk" / "run1" / "summary.json"
+    good = json.loads(summary.read_text())
+    summary.write_text('{"method": "nngk", "final": {"nngk_')  # half-written
+    assert main(["report", str(folder)]) == 0
+    assert capsys.readouterr().err.count("skipping") == 1  # one warning, once
+    others = {p: t for p, t in stamps(folder).items() if "run1" not in str(p) or "nngk" not in str(p)}
+    compare(base(tmp_path, max_epochs=1), ["digits"], ["nngk", "mixup"], runs=2, results_dir=folder, progress=False)
+    again = json.loads(summary.read_text())
+    assert again["final"] == good["final"] and again["epochs"] == 1  # finished from its checkpoint, not retrained
+    assert {p: t for p, t in stamps(folder).items() if p in others} == others

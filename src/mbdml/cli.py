@@ -173,7 +173,10 @@ def format_summary_table(summary: dict[str, Any]) -> str:
 
 
 def _setup_logging(quiet: bool) -> None:
+    for old in [h for h in log.handlers if getattr(h, "mbdml_cli", False)]:  # main() called again: one handler
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
+    handler.mbdml_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -245,40 +248,42 @@ def _method_list(text: str) -> list[str]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiment import compare
+    from .experiment import compare, comparison_runs
     from .report import report_text
 
     base = config_from_args(args)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    methods = _method_list(args.methods)
     paths = compare(
-        base, datasets, _method_list(args.methods), runs=args.runs, results_dir=args.results_dir, jobs=args.jobs,
+        base, datasets, methods, runs=args.runs, results_dir=args.results_dir, jobs=args.jobs,
         progress=getattr(args, "progress", True), reference=args.reference,
     )
-    print(report_text(args.results_dir, reference=args.reference))
+    asked = comparison_runs(args.results_dir, datasets, methods, args.runs)
+    print(report_text(args.results_dir, reference=args.reference, records=asked))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .experiment import write_outputs
-    from .report import report_text, results_document
+    from .report import collect_runs, report_text, results_document
 
     written: list[str] = []
+    records = {folder: collect_runs(folder) for folder in args.results_dir}  # each read once: each warning once
     for folder in args.results_dir:
-        paths = write_outputs(folder, reference=args.reference)
-        print(report_text(folder, reference=args.reference))
+        paths = write_outputs(folder, records[folder], reference=args.reference)
+        print(report_text(folder, reference=args.reference, records=records[folder]))
         written += [str(p) for p in paths.values()]
     if args.versus is not None:
-        from .report import collect_runs, format_paired, paired_between
+        from .report import format_paired, paired_between
 
         others = collect_runs(args.versus)
         for folder in args.results_dir:
-            records = collect_runs(folder)
             for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
                 title = f"{folder} against {args.versus}, {what}: paired difference over the runs on the same splits"
-                print(format_paired(paired_between(records, others, selection), args.versus, style="text", title=title))
+                print(format_paired(paired_between(records[folder], others, selection), args.versus, style="text", title=title))
     if args.doc is not None:
         words = ["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else []) + ["--doc", args.doc]
         doc = Path(args.doc)
@@ -287,7 +292,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot write {doc}: {blocking} is a file, not a folder; give another --doc path")
         try:
             doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words)), encoding="utf-8")
+            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), runs_by_folder=records), encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot write {doc} ({e.strerror or e}); give a writable --doc path") from None
         written.append(str(doc))
@@ -308,7 +313,8 @@ def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any,
 
     cfg = run.config
     spec = dataset or cfg.dataset
-    train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size, on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir)
+    train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size,
+                               on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir, max_image_pixels=cfg.max_image_pixels)
     return train, test
 
 
@@ -346,7 +352,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         from .checkpoint import save_json
 
-        save_json(metrics, args.out)
+        save_json(metrics, args.out, fix="pass another --out")
     return 0
 
 
@@ -354,6 +360,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    path = Path(args.out)
+    if path.suffix not in (".pt", ".npz"):
+        raise ConfigError(f"--out {path}: use a .npz or .pt file name")
     run, embedder = _loaded(args)
     train, test = _data_for(run, args.dataset, args.test_dir)
     parts = {"test": [("test", test)], "train": [("train", train)], "both": [("train", train), ("test", test)]}[args.part]
@@ -362,14 +371,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         _check_classes(run, data)
         out[f"{name}_embeddings"] = embedder.embed(data.images).cpu()
         out[f"{name}_labels"] = data.labels.cpu()
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write
+
     if path.suffix == ".pt":
-        torch.save(out, path)
-    elif path.suffix == ".npz":
-        np.savez(path, **{k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in out.items()})
+        atomic_write(path, lambda f: torch.save(out, f), fix="pass another --out")
     else:
-        raise ConfigError(f"--out {path}: use a .npz or .pt file name")
+        arrays = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in out.items()}
+        atomic_write(path, lambda f: np.savez(f, **arrays), fix="pass another --out")
     sizes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in out.items() if hasattr(v, "shape"))
     print(f"wrote {path} ({sizes})")
     return 0

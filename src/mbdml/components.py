@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_model_state, load_checkpoint
 from .config import RunConfig
 from .errors import CheckpointError
 from .kernel import NNGKClassifier
@@ -51,6 +51,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str = "cpu") -> L
     if which == "best" and not path.is_file():
         path = run_dir / "last.pt"  # no validation split: the final model
     state = load_checkpoint(path, map_location=device)
+    check_model_state(state, path)
     kernel_state = {k[len("kernel."):]: v for k, v in state["method"].items() if k.startswith("kernel.")}
     num_classes = int(kernel_state["_num_classes_buf"])
     model, kernel, method = build_components(cfg, _in_channels(state["model"]), num_classes)

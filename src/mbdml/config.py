@@ -47,12 +47,15 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint import atomic_write
 from .data import Augmentation, RandAugment
+from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels, is_dataset_name
 from .errors import ConfigError
 from .kernel import CLASS_FLOORS, NNGKClassifier
 from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS, MethodOptions
@@ -123,8 +126,11 @@ def str2bool(text: str) -> bool:
 
 
 def optional_int(text: str) -> int | None:
-    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features)."""
-    if str(text).strip().lower() in ("none", "null", "raw", "0"):
+    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features).
+
+    0 is the number 0 (--pseudo_start 0: from the first epoch), never 'none'; each
+    option then accepts it with its meaning or refuses it."""
+    if str(text).strip().lower() in ("none", "null", "raw"):
         return None
     try:
         return int(text)
@@ -165,14 +171,20 @@ def reader_for(annotation: str) -> Callable[[str], Any] | None:
 
 
 # --------------------------------------------------------------- checks of one value
-def whole(at_least: int, note: str = "") -> Check:
-    """A whole number >= ``at_least`` (``note`` says what the bound means)."""
+def whole(at_least: int, note: str = "", fix: str = "") -> Check:
+    """A whole number >= ``at_least`` (``note`` says what the bound means, ``fix`` what to pass instead)."""
 
     def check(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
-            raise ConfigError(f"{name} must be a whole number >= {at_least}{note}, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number >= {at_least}{note}, got {value!r}" + (f"; {fix}" if fix else ""))
 
     return check
+
+
+def embedding_size(name: str, value: Any) -> None:
+    """An embedding of at least one dimension (None, the raw features, is never checked)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be >= 1 (or none for the raw features), got {value!r}")
 
 
 def positive(fix: str) -> Check:
@@ -271,12 +283,17 @@ class RunConfig:
     test_dir: str | None = _data(
         None, "the authors' flag: the test folder (one sub-folder per class)", flags=("--test",), single_run=True,
     )
-    im_ext: str = _data("jpg", "image file extension in class folders (default jpg)")
+    im_ext: str = _data("jpg", "image file extension in class folders, or several with commas: jpg,jpeg,png (default jpg)")
     num_classes: int | None = _data(None, "number of classes; checked against the data", check=whole(2))
     input_size: int | None = _data(None, "resize images to this square size once, when loading", check=whole(8, " (pixels)"))
     on_bad_image: str = _data(
         "error", "what to do with an unreadable image (default error)", flags=("--on-bad-image", "--on_bad_image"),
         choices=BAD_IMAGE_ACTIONS,
+    )
+    max_image_pixels: int | None = _data(
+        DEFAULT_MAX_IMAGE_PIXELS, "refuse image files of more pixels than this before decoding them (a decompression bomb: "
+        "a small file that decodes to gigabytes); none: no cap (default 100000000, 100 megapixels)",
+        parse=optional_int, check=lambda name, value: check_max_image_pixels(value),
     )
     cache_dir: str = _data(".cache/mbdml", "where decoded data sets are cached (default .cache/mbdml)")
     labelled_fraction: float = _data(
@@ -294,7 +311,7 @@ class RunConfig:
     width: int = _model(32, "base channels of resnet_small (default 32)", check=whole(1))
     embedding_dim: int | None = _model(
         128, "embedding size, or 'none' for the backbone's raw features", parse=optional_int,
-        check=whole(1, " (or none for the raw features)"),
+        check=embedding_size,
     )
     normalize_embeddings: bool = _model(True, "L2-normalise the embeddings (True/False)")
     pretrained: str | None = _model(
@@ -356,7 +373,8 @@ class RunConfig:
         check=fraction(True, False, "pass --pseudo_threshold 0.9, say"),
     )
     pseudo_start: int | None = _semi(
-        None, "first epoch (0-based) that uses pseudo-labels; labelled images only before (default: a quarter of the epochs)",
+        None, "first epoch (0-based; 0 is the first) that uses pseudo-labels; labelled images only before (default none: a "
+        "quarter of the epochs)",
         parse=optional_int, check=whole(0, " (an epoch)"),
     )
     pseudo_fraction: float | None = _semi(
@@ -400,7 +418,7 @@ class RunConfig:
         "saved in the run folder's teacher/), label the unlabelled images with it, then train the student for "
         "--max_epochs on the labelled and kept images; with --freeze_stages the student reuses the teacher's "
         "frozen-stage features (default: off; in 'compare' the semi-supervised methods ignore it)",
-        parse=optional_int, check=whole(1, " (the teacher stage's epochs)"),
+        parse=optional_int, check=whole(1, " (the teacher stage's epochs)", "pass none (or leave it out) for no teacher stage"),
     )
     student_init: str = _self_training(
         "pretrained", "the student's starting weights: 'pretrained' (those the teacher started from: --pretrained, or "
@@ -507,10 +525,30 @@ class RunConfig:
         )
 
     # ------------------------------------------------------------- resolving
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose paths (a data folder, --test, --teacher, a --pretrained file, --cache_dir)
+        are absolute: a saved run then reads the same files from any working folder, and one
+        folder named once relative and once absolute is one folder."""
+
+        def absolute(path: str) -> str:
+            return os.path.abspath(os.path.expanduser(path))
+
+        cfg = dataclasses.replace(self)
+        if not is_dataset_name(cfg.dataset):
+            cfg.dataset = absolute(cfg.dataset)
+        if cfg.test_dir is not None:
+            cfg.test_dir = absolute(cfg.test_dir)
+        if cfg.teacher is not None:
+            cfg.teacher = absolute(cfg.teacher)
+        if isinstance(cfg.pretrained, str) and not means_no_pretrained(cfg.pretrained) and cfg.pretrained.strip().lower() not in ("true", "imagenet"):
+            cfg.pretrained = absolute(cfg.pretrained)
+        cfg.cache_dir = absolute(cfg.cache_dir)
+        return cfg
+
     def resolved(self) -> "RunConfig":
         """Fill the values that depend on others (per-method weights, eval cadence, the
-        run's name), then check everything."""
-        cfg = dataclasses.replace(self)
+        run's name), make the paths absolute (:meth:`with_absolute_paths`), then check everything."""
+        cfg = self.with_absolute_paths()
         if cfg.scale_mixup is None:
             cfg.scale_mixup = default_scale_mixup(cfg.preset, cfg.method)
         if cfg.split_batch is None:
@@ -559,7 +597,9 @@ class RunConfig:
         return cls(**{key: _coerce(key, value, known[key].type) for key, value in data.items()})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the configuration as JSON, atomically (a crash leaves the old file or the new one)."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write(Path(path), lambda f: f.write(text.encode()))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

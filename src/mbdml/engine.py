@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint
+from .checkpoint import EntryRule, check_resume_state, load_checkpoint
 from .components import build_components
 from .config import RunConfig
 from .cpu_memory import keep_freed_memory
@@ -47,7 +47,17 @@ from .models import EmbeddingNet, recalibrate_batchnorm, set_batchnorm_eval
 from .neighbours import knn_search
 from .optimisation import learning_rate_at, make_optimizer
 from .progress import progress_bar
-from .run_folder import RunFolder, TsneFrames, percent, summarise, unique_run_dir, update_best
+from .run_folder import (
+    RunFolder,
+    RunFolderLock,
+    TsneFrames,
+    claim_new_run_dir,
+    claim_run_dir,
+    next_run_dir,
+    percent,
+    summarise,
+    update_best,
+)
 from .training_data import PreparedData, prepare_data, training_augmentation
 
 log = logging.getLogger("mbdml")
@@ -113,6 +123,11 @@ class Algorithm:
         """Entries of the checkpoint that :meth:`load_state_dict` reads back after a resume."""
         return {}
 
+    def state_rules(self) -> list[EntryRule]:
+        """What each of :meth:`state_dict`'s entries must be, checked before a resume reads
+        them (see :func:`mbdml.checkpoint.check_entries`)."""
+        return []
+
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         """Read back :meth:`state_dict`'s entries from a checkpoint."""
 
@@ -129,6 +144,7 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch (metrics.csv)
     best: dict[str, Any] = field(default_factory=dict)  # the best evaluations so far (see run_folder.update_best)
     centres_fresh: bool = False  # the centres were refreshed after the last step
+    seconds_before: float = 0.0  # the run's time before this process took it up (a resume)
 
 
 @dataclass
@@ -146,7 +162,8 @@ class Trainer:
     writes the run folder (see :mod:`mbdml.run_folder`).
 
     ``data``: the prepared images (default: loaded from ``cfg`` when the run starts).
-    ``run_dir``: the run folder (default: a new one under ``cfg.save_dir``). ``resume``:
+    ``run_dir``: the run folder (default: a new one under ``cfg.save_dir``, made when the
+    run starts: ``cfg.name``, or ``name-2``, ``name-3``... when taken). ``resume``:
     continue the run in ``run_dir`` from its last checkpoint. ``on_epoch_end``: called
     with each epoch's row once it is saved.
     """
@@ -173,8 +190,11 @@ class Trainer:
         self.resume = resume
         self.on_epoch_end = on_epoch_end
         self.device = resolve_device(self.cfg.device)
-        self.run_dir = Path(run_dir) if run_dir is not None else unique_run_dir(self.cfg.save_dir, str(self.cfg.name))
+        # A new folder's name is taken when the run starts (claim_new_run_dir); until then, the likely one.
+        self.new_run_dir = run_dir is None
+        self.run_dir = Path(run_dir) if run_dir is not None else next_run_dir(self.cfg.save_dir, str(self.cfg.name))
         self.folder = RunFolder(self.run_dir)
+        self.lock: RunFolderLock | None = None  # held by the main process while the run writes its folder
         self.dist = dist_utils.SINGLE  # joined when the run starts (torchrun)
         self.state = TrainingState()
         self.restoring = False  # resuming from this folder's last.pt (set when the run starts)
@@ -207,13 +227,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def session(self) -> Iterator["Trainer"]:
-        """The run's process: under torchrun (WORLD_SIZE > 1) it joins the job (see
-        :mod:`mbdml.distributed` for what the processes share), and the main process
-        writes the log to the run folder; both end with the block. A collective that fails
-        because another process is gone ends it with a message that says so."""
+        """The run's process: the main process claims the run folder (made atomically when
+        new, locked against a second writer) and writes the log there; under torchrun
+        (WORLD_SIZE > 1) the process joins the job (see :mod:`mbdml.distributed` for what
+        the processes share). All end with the block. Why a run stopped goes to its
+        train.log; a collective that fails because another process is gone ends it with
+        a message that says so."""
         self.dist = dist_utils.init_distributed(self.device.type, self.cfg.dist_timeout)
         clean = False
         try:
+            if self.dist.is_main:
+                self._claim_run_dir()
             if self.dist.enabled:
                 self._join_job()
             if self.dist.is_main:
@@ -221,14 +245,27 @@ class Trainer:
             try:
                 yield self
                 clean = True
-            except Exception as exc:
-                if self.dist.enabled and dist_utils.is_collective_failure(exc):
+            except BaseException as exc:
+                self.folder.log_failure(exc)
+                if isinstance(exc, Exception) and self.dist.enabled and dist_utils.is_collective_failure(exc):
                     raise dist_utils.lost_peer_error(exc, self.dist, self.run_dir) from None
                 raise
             finally:
                 self.folder.close()
         finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
             dist_utils.shutdown(self.dist, clean=clean)
+
+    def _claim_run_dir(self) -> None:
+        """Make the run folder (a new name atomically) and lock it against a second writer."""
+        if self.new_run_dir:
+            self.run_dir, self.lock = claim_new_run_dir(self.cfg.save_dir, str(self.cfg.name))
+            self.folder = RunFolder(self.run_dir)
+            self.new_run_dir = False
+        else:
+            self.lock = claim_run_dir(self.run_dir)
 
     def train_epochs(self) -> None:
         """The loop: from the epoch after the last one saved to ``max_epochs``."""
@@ -288,7 +325,7 @@ class Trainer:
             {"labelled_train": len(self.data.train), "validation": len(self.data.val), "test": len(self.data.test)},
             {
                 **self.algorithm.summary(),
-                "seconds": time.perf_counter() - self.started,
+                "seconds": self.seconds(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "train_seconds_per_epoch": sum(train_times) / len(train_times) if train_times else None,
                 "processes": self.dist.world_size,
@@ -527,6 +564,10 @@ class Trainer:
         return {"format": "mbdml-model-1", "epoch": epoch, "model": self.model.state_dict(), "method": self.method.state_dict(),
                 "classes": list(self.data.classes), "image_shape": self.image_shape(), "config": self.cfg.to_dict()}
 
+    def seconds(self) -> float:
+        """The run's time so far, the time before a resume included."""
+        return self.state.seconds_before + time.perf_counter() - self.started
+
     def image_shape(self) -> list[int]:
         """(C, H, W) of the images the network was trained on (saved with it)."""
         return list(self.data.train.images.shape[1:])
@@ -549,6 +590,7 @@ class Trainer:
             "history": self.state.history,
             "best": self.state.best,
             "centres_fresh": self.state.centres_fresh,
+            "seconds": self.seconds(),
             **self.algorithm.state_dict(),
             "classes": list(self.data.classes),
             "image_shape": self.image_shape(),
@@ -559,6 +601,7 @@ class Trainer:
         """Read the state of the run folder's last.pt back (see :meth:`checkpoint_state`)."""
         path = self.run_dir / "last.pt"
         state = load_checkpoint(path, map_location=self.device)
+        check_resume_state(state, path, more=self.algorithm.state_rules())
         try:
             self.model.load_state_dict(state["model"])
             self.method.load_state_dict(state["method"])
@@ -577,7 +620,10 @@ class Trainer:
             raise
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path} does not match this run's configuration ({exc}); start a new run instead of --resume") from None
-        self.state = TrainingState(int(state["epoch"]), list(state["history"]), dict(state["best"]), bool(state.get("centres_fresh", False)))
+        self.state = TrainingState(
+            int(state["epoch"]), list(state["history"]), dict(state["best"]), bool(state.get("centres_fresh", False)),
+            float(state.get("seconds", 0.0)),
+        )
         self.algorithm.load_state_dict(state, self.device)
 
     # ------------------------------------------------------------ the others

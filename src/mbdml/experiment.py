@@ -3,15 +3,20 @@
 Every run r of every method on a data set uses the same seeded labelled split
 (seed = base seed + r; with ``--split folds`` fold r), the same backbone, schedule and
 evaluation. Each run writes its own folder ``RESULTS_DIR/<dataset>/<method>/run<r>/``;
-a finished run (one with a ``summary.json``) is skipped when the comparison is started
-again, and an interrupted one continues from its last checkpoint. When all runs are
-done the comparison tables and the per-data-set accuracy curves are written beside them.
+a finished run (one with a readable ``summary.json``) is skipped when the comparison is
+started again, and an interrupted one continues from its last checkpoint. When all runs
+are done the comparison tables and the per-data-set accuracy curves are written beside
+them, of exactly the data sets, methods and runs asked for.
+
+A results folder holds one comparison's settings: a comparison started in a folder whose
+runs were made with another value of any setting that changes a result (every
+:class:`~mbdml.config.RunConfig` field but :data:`RESULT_NEUTRAL_FIELDS`) is refused
+with the settings that differ, so two set-ups never end up side by side in one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -26,8 +31,28 @@ from .errors import ConfigError, MbdmlError
 
 log = logging.getLogger("mbdml")
 
-# Settings that may differ between the runs of one comparison (they name the run).
-_PER_RUN_KEYS = ("method", "dataset", "seed", "run", "name", "save_dir", "progress", "device")
+# The RunConfig fields that never change a run's results, only where it is written, how it
+# is shown, or how the same arithmetic is carried out (the last digits of rounding may
+# differ, as between two machines): a comparison may be finished with other values of
+# these. Every other field changes a result, and a results folder whose runs were made
+# with another value of one is refused.
+RESULT_NEUTRAL_FIELDS: tuple[str, ...] = (
+    "name",  # the run folder's name (a comparison names its runs run<r>)
+    "save_dir",  # where a single run's folder goes (a comparison uses --results_dir)
+    "progress",  # progress bars
+    "cache_dir",  # where decoded images are kept between runs
+    "num_classes",  # a check against the data: equal to it, or the run is refused
+    "tsne_graph",  # extra plots of the embeddings
+    "device",  # where the arithmetic runs ('auto' differs between machines anyway)
+    "deterministic",  # deterministic kernels, for exact reruns on one machine
+    "compile",  # torch.compile of the same forward pass
+    "channels_last",  # memory layout of the same tensors
+    "frozen_cache_gb",  # memory for kept frozen-stage outputs, computed once instead of again
+    "keep_freed_memory",  # malloc keeping freed blocks: the same numbers, fewer page faults
+    "dist_timeout",  # how long processes wait for each other
+)
+# Filled when a run starts, from the images ('None': by the images) or the machine ('auto').
+_FILLED_AT_START = {"flip": None, "crop_padding": None, "amp": "auto"}
 
 
 def dataset_key(dataset: str) -> str:
@@ -58,9 +83,6 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
     semi-supervised ones (the others have no pseudo-labelled images), ``split_batch``
     and ``scale_mixup`` by the preset's per-method value unless given. Every run's
     configuration is checked whole before any run starts."""
-    from .methods import METHODS
-    from .train import check_config
-
     if runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {runs}")
     if not datasets or not methods:
@@ -70,16 +92,25 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
     for dataset in datasets:
         for run in range(runs):
             for method in methods:
-                cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
-                if base.teacher is not None:
-                    cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
-                if method in METHODS and not METHODS[method].uses_unlabelled:
-                    cfg = dataclasses.replace(cfg, pseudo_augment="standard")
-                elif method in METHODS:  # they label the unlabelled images themselves
-                    cfg = dataclasses.replace(cfg, teacher_epochs=None, student_init="pretrained")
                 run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
-                jobs.append(Job(dataset, method, run, check_config(cfg), run_dir))
+                jobs.append(Job(dataset, method, run, job_config(base, dataset, method, run), run_dir))
     return jobs
+
+
+def job_config(base: RunConfig, dataset: str, method: str, run: int) -> RunConfig:
+    """The resolved configuration of run ``run`` of ``method`` on ``dataset`` in a comparison
+    with the settings ``base`` (see :func:`plan`), checked whole (:func:`mbdml.train.check_config`)."""
+    from .methods import METHODS
+    from .train import check_config
+
+    cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
+    if base.teacher is not None:
+        cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
+    if method in METHODS and not METHODS[method].uses_unlabelled:
+        cfg = dataclasses.replace(cfg, pseudo_augment="standard")
+    elif method in METHODS:  # they label the unlabelled images themselves
+        cfg = dataclasses.replace(cfg, teacher_epochs=None, student_init="pretrained")
+    return check_config(cfg)
 
 
 TEACHER_PLACEHOLDERS = ("dataset", "run", "seed")
@@ -105,28 +136,65 @@ def teacher_for_run(template: str, dataset: str, run: int, seed: int) -> str:
     return template.format(dataset=dataset_key(dataset), run=run, seed=seed)
 
 
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in _PER_RUN_KEYS}
+def settings_that_differ(asked: RunConfig, saved: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The fields that change a result and differ: name -> (saved value, asked value).
+
+    Both are compared resolved and with absolute paths; a value filled when the run
+    started (flip, crop padding, 'auto' precision) counts as the same when it was left
+    to be filled."""
+    ours, theirs = asked.with_absolute_paths().to_dict(), saved.with_absolute_paths().to_dict()
+    for key, unset in _FILLED_AT_START.items():
+        if ours.get(key) == unset:
+            theirs[key] = unset
+    return {k: (theirs.get(k), v) for k, v in ours.items() if k not in RESULT_NEUTRAL_FIELDS and theirs.get(k) != v}
+
+
+def _differences_text(diffs: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {there!r} there, {asked!r} asked" for k, (there, asked) in sorted(diffs.items()))
+
+
+def check_results_dir(base: RunConfig, results_dir: str | Path) -> None:
+    """Refuse ``results_dir`` when a run in it was made with other settings than the
+    comparison ``base`` would give it (any data set, method or run, asked or not:
+    ``report`` tables every run in the folder). The message lists the settings that
+    differ and the fix."""
+    root = Path(results_dir)
+    diffs: dict[str, tuple[Any, Any]] = {}
+    where: list[str] = []
+    for config in sorted(root.glob("*/*/run*/config.json")):
+        saved = RunConfig.load(config)
+        try:
+            ours = job_config(base, saved.dataset, saved.method, saved.run)
+        except MbdmlError:  # a method this version does not have, say
+            found = {"method": (saved.method, "a method this version knows")}
+        else:
+            found = settings_that_differ(ours, saved)
+        if found:
+            diffs.update({k: v for k, v in found.items() if k not in diffs})
+            where.append(str(config.parent.relative_to(root)))
+    if diffs:
+        raise ConfigError(
+            f"{root} holds runs made with other settings ({_differences_text(diffs)}; in {', '.join(where[:3])}"
+            f"{' ...' if len(where) > 3 else ''}); their results cannot share a table with these. Use another "
+            "--results_dir, or the same settings as those runs"
+        )
 
 
 def _check_existing(job: Job) -> str:
-    """'done', 'resume' or 'new'; refuses a folder made with other settings."""
-    summary, config = job.run_dir / "summary.json", job.run_dir / "config.json"
+    """'done', 'resume' or 'new'; refuses a folder made with other settings. A run whose
+    summary.json cannot be read (a half-written file) is not done: it is finished again."""
+    from .report import read_summary
+
+    config = job.run_dir / "config.json"
     if not config.is_file():
         return "new"
-    saved = RunConfig.load(config)
-    ours = job.config.to_dict()
-    theirs = saved.to_dict()
-    for key in ("flip", "crop_padding"):  # filled from the images when a run starts
-        if ours.get(key) is None:
-            theirs[key] = None
-    diff = sorted(k for k, v in _comparable(ours).items() if _comparable(theirs).get(k) != v)
-    if diff:
+    diffs = settings_that_differ(job.config, RunConfig.load(config))
+    if diffs:
         raise ConfigError(
-            f"{job.run_dir} holds a run made with other settings ({', '.join(diff)}); "
-            "start the comparison with the same arguments, or use another --results_dir"
+            f"{job.run_dir} holds a run made with other settings ({_differences_text(diffs)}); use another "
+            "--results_dir, or the same settings as that run"
         )
-    if summary.is_file():
+    if read_summary(job.run_dir / "summary.json") is not None:
         return "done"
     return "resume" if (job.run_dir / "last.pt").is_file() else "new"
 
@@ -139,9 +207,13 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
+    from .report import read_summary
+
     state = _check_existing(job)
     if state == "done":
-        return json.loads((job.run_dir / "summary.json").read_text())
+        summary = read_summary(job.run_dir / "summary.json")
+        assert summary is not None
+        return summary
     trainer = build_trainer(job.config, run_dir=job.run_dir, resume=state == "resume")
     return trainer.run().summary
 
@@ -164,16 +236,19 @@ def compare(
     on_run_end: Callable[[Job, dict[str, Any]], None] | None = None,
     reference: str = "nngk",
 ) -> dict[str, Path]:
-    """Run the whole comparison (skipping finished runs), then write tables and plots
-    (each method paired by run against ``reference``)."""
+    """Run the whole comparison (skipping finished runs), then write the tables and plots of
+    exactly these data sets, methods and runs (each method paired by run against
+    ``reference``). A results folder whose runs were made with other settings is refused
+    (:func:`check_results_dir`)."""
+    from .checkpoint import save_json
+
     results_dir = Path(results_dir)
     all_jobs = plan(base, datasets, methods, runs, results_dir)
+    check_results_dir(base, results_dir)
     states = {job.label: _check_existing(job) for job in all_jobs}
     todo = [job for job in all_jobs if states[job.label] != "done"]
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "compare.json").write_text(
-        json.dumps({"datasets": datasets, "methods": methods, "runs": runs, "base": base.to_dict()}, indent=2, sort_keys=True) + "\n"
-    )
+    save_json({"datasets": datasets, "methods": methods, "runs": runs, "base": base.to_dict()}, results_dir / "compare.json",
+              fix="pass another --results_dir")
     log.info("%d runs in the comparison, %d already finished, %d to do (%d in parallel)", len(all_jobs), len(all_jobs) - len(todo), len(todo), jobs)
     from .progress import progress_bar
 
@@ -205,7 +280,16 @@ def compare(
     log.info("comparison finished in %.0f s", time.perf_counter() - t0)
     if failures:
         raise ConfigError(f"{len(failures)} run(s) failed; fix the cause and run the same command again to finish them: " + "; ".join(failures))
-    return write_outputs(results_dir, reference=reference)
+    return write_outputs(results_dir, comparison_runs(results_dir, datasets, methods, runs), reference=reference)
+
+
+def comparison_runs(results_dir: str | Path, datasets: list[str], methods: list[str], runs: int) -> list[Any]:
+    """The finished runs of ``results_dir`` that a comparison of these data sets, methods and
+    number of runs asks for (:class:`~mbdml.report.RunRecord`), and no other."""
+    from .report import collect_runs
+
+    keys, wanted = {dataset_key(d) for d in datasets}, set(methods)
+    return collect_runs(results_dir, keep=lambda d, m, r: d in keys and m in wanted and r < runs)
 
 
 def _done(bar: Any, job: Job, summary: dict[str, Any], on_run_end: Callable[[Job, dict[str, Any]], None] | None) -> None:
@@ -217,18 +301,21 @@ def _done(bar: Any, job: Job, summary: dict[str, Any], on_run_end: Callable[[Job
         on_run_end(job, summary)
 
 
-def write_outputs(results_dir: str | Path, reference: str = "nngk") -> dict[str, Path]:
+def write_outputs(results_dir: str | Path, records: list[Any] | None = None, reference: str = "nngk") -> dict[str, Path]:
     """The comparison tables (with each method paired by run against ``reference``) and,
-    per data set, accuracy curves with a band over runs."""
+    per data set, accuracy curves with a band over runs, of ``records`` (default: every
+    finished run in the folder, read once)."""
     import csv
 
     from .plots import plot_method_curves
     from .report import collect_runs, write_report
 
     results_dir = Path(results_dir)
-    paths = write_report(results_dir, reference=reference)
+    if records is None:
+        records = collect_runs(results_dir)
+    paths = write_report(results_dir, reference=reference, records=records)
     curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
-    for rec in collect_runs(results_dir):
+    for rec in records:
         metrics = results_dir / rec.dataset / rec.method / f"run{rec.run}" / "metrics.csv"
         if metrics.is_file():
             with open(metrics, newline="") as f:

@@ -36,7 +36,7 @@ import logging
 import math
 import re
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ __all__ = [
     "paired_between",
     "paired_comparisons",
     "paper_cells",
+    "read_summary",
     "report_text",
     "results_document",
     "write_report",
@@ -157,11 +158,31 @@ class Cell:
     runs: list[int] = field(default_factory=list)  # the run index of each value (its split), when known
 
 
-def collect_runs(results_dir: str | Path) -> list[RunRecord]:
+def _load_summary(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The summary at ``path``, or None and why it cannot be used."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"cannot read it ({e})"
+    if not isinstance(summary, dict):
+        return None, "not a JSON object"
+    if not isinstance(summary.get("final"), dict):
+        return None, "it has no 'final' entry (a half-written file)"
+    return summary, ""
+
+
+def read_summary(path: str | Path) -> dict[str, Any] | None:
+    """A run's ``summary.json``, or None when it is missing, unreadable, not a JSON object or
+    has no final model's entry: such a run is not finished (``compare`` trains it again)."""
+    return _load_summary(Path(path))[0] if Path(path).is_file() else None
+
+
+def collect_runs(results_dir: str | Path, keep: Callable[[str, str, int], bool] | None = None) -> list[RunRecord]:
     """Every readable ``<dataset>/<method>/run<r>/summary.json`` under ``results_dir``.
 
-    Unreadable or partial summaries are skipped with a warning on the ``mbdml``
-    logger. Raises :class:`DataError` when the folder is missing or holds no
+    ``keep(dataset, method, run)``, when given, chooses the runs to read (the others are
+    not opened). Unreadable or partial summaries are skipped with a warning on the
+    ``mbdml`` logger. Raises :class:`DataError` when the folder is missing or holds no
     readable summary. Records come sorted by data set, method and run.
     """
     root = Path(results_dir)
@@ -177,16 +198,15 @@ def collect_runs(results_dir: str | Path) -> list[RunRecord]:
         m = _RUN_DIR.fullmatch(path.parent.name)
         if m is None or not path.is_file():
             continue
+        dataset, method, run = path.parents[2].name, path.parents[1].name, int(m.group(1))
+        if keep is not None and not keep(dataset, method, run):
+            continue
         found += 1
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            log.warning("skipping %s: cannot read it (%s); rerun that run to rewrite it", path, e)
+        summary, why = _load_summary(path)
+        if summary is None:
+            log.warning("skipping %s: %s; run the same 'mbdml compare' command again to redo that run", path, why)
             continue
-        if not isinstance(summary, dict):
-            log.warning("skipping %s: not a JSON object; rerun that run to rewrite it", path)
-            continue
-        records.append(RunRecord(path.parents[2].name, path.parents[1].name, int(m.group(1)), summary, _environment(path.parent)))
+        records.append(RunRecord(dataset, method, run, summary, _environment(path.parent)))
     if not records:
         detail = f"its {found} summary.json files are all unreadable" if found else "it holds no <dataset>/<method>/run<r>/summary.json"
         raise DataError(
@@ -592,16 +612,21 @@ def _runs_csv(records: Sequence[RunRecord]) -> str:
     return buf.getvalue()
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc", reference: str = "nngk") -> dict[str, Path]:
+def write_report(
+    results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc", reference: str = "nngk",
+    records: Sequence[RunRecord] | None = None,
+) -> dict[str, Path]:
     """Write the tables of the runs under ``results_dir`` into ``out_dir`` (default: the same).
 
     Files: ``table_final.{md,csv,tex,txt}``, ``table_best_val.{md,csv,tex,txt}``,
     ``table_authors_best_on_test.md`` (always NNGK accuracy, the only metric it
     has), ``paired_final.{md,csv,txt}`` and ``paired_best_val.{md,csv,txt}`` (each
     method against ``reference``, paired by run) and ``runs.csv`` (a row per run).
+    ``records`` (default: every run, :func:`collect_runs`) are the runs in the tables.
     Returns the paths keyed by file name.
     """
-    records = collect_runs(results_dir)
+    if records is None:
+        records = collect_runs(results_dir)
     out = Path(results_dir if out_dir is None else out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -633,10 +658,14 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, met
     return paths
 
 
-def report_text(results_dir: str | Path, metric: str = "nngk_acc", reference: str = "nngk") -> str:
+def report_text(
+    results_dir: str | Path, metric: str = "nngk_acc", reference: str = "nngk", records: Sequence[RunRecord] | None = None,
+) -> str:
     """The text tables of the final model and of the best-on-validation model, each
-    followed by its paired differences against ``reference``, for printing."""
-    records = collect_runs(results_dir)
+    followed by its paired differences against ``reference``, for printing (of
+    ``records``, default every run under ``results_dir``)."""
+    if records is None:
+        records = collect_runs(results_dir)
     parts = []
     for selection in ("final", "best_val"):
         cells = aggregate(records, selection, metric)
@@ -691,20 +720,22 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
 
 
 def results_document(results_dirs: Sequence[str | Path], reference: str = "nngk", metric: str = "nngk_acc",
-                     command: str | None = None) -> str:
+                     command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None) -> str:
     """A Markdown page of the tables of several results folders, written from their run files.
 
     For each folder: how its runs were made (commands, commit, machine, dates, minutes
     per run, all read from the runs' environment.json and summary.json), the tables of
     the final and the best-on-validation model, the paired differences against
     ``reference``, and the authors' best-on-test figure as a marked extra. ``command``
-    is the command that wrote the page, named at its top.
+    is the command that wrote the page, named at its top. ``runs_by_folder``, keyed by
+    folder, are runs already read (default: each folder is read here).
     """
     out = ["# Results", ""]
     if command:
         out += [f"Written by `{command}` from the run summaries; do not edit by hand.", ""]
     for folder in results_dirs:
-        records = collect_runs(folder)
+        read = runs_by_folder.get(folder) if runs_by_folder is not None else None
+        records = list(read) if read is not None else collect_runs(folder)
         out += [f"## {Path(folder).as_posix()}", ""]
         out += _provenance(records)
         for selection in ("final", "best_val"):

@@ -9,38 +9,214 @@
     train.log          the log
     tensorboard/       per-epoch scalars, when tensorboard is installed
 
-Only the main process of a run writes (see :mod:`mbdml.distributed`).
+Only the main process of a run writes (see :mod:`mbdml.distributed`), and one run at a
+time: :class:`RunFolderLock` holds an OS lock (``flock``) on a file in the folder for as
+long as the run trains, and refuses a second writer with the first one's PID. New run
+folders are made with ``os.mkdir``, which fails when the name is taken, so two processes
+starting at once never get the same one (:func:`claim_new_run_dir`); a folder that a
+start which failed before training left behind is used again.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import save_checkpoint, save_json, save_text
+from .checkpoint import save_checkpoint, save_json, save_text, write_failure_reason
 from .config import RunConfig
+from .errors import CheckpointError, MbdmlError
 
 log = logging.getLogger("mbdml")
+
+LOCK_FILE = ".mbdml.lock"
+# What a folder holds after a start that failed before the run began: it may be used again.
+_NO_RUN_FILES = frozenset({LOCK_FILE, "train.log"})
 
 METRIC_KEYS = ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")
 
 
-def unique_run_dir(save_dir: str | Path, name: str) -> Path:
-    """save_dir/name, or name-2, name-3... when that folder already holds a run."""
+# ------------------------------------------------------------- one writer per run folder
+class RunFolderLock:
+    """An exclusive OS lock on a run folder (``flock`` on its ``.mbdml.lock``, which holds
+    the PID of the process that has it), held while a run writes there.
+
+    The OS drops the lock when the process ends, however it ends, so a killed run
+    never leaves its folder locked. Where ``fcntl`` is missing (Windows) or the file
+    system has no locks, nothing is locked.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock; False when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write to the run folder {self.folder} ({write_failure_reason(exc, self.folder)}); check its permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            log.warning("cannot lock %s (%s); nothing stops a second process from writing there", self.folder, exc.strerror)
+            return True
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """The PID written by the process that holds the lock, or '?'."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return "?"
+        return text if text.isdigit() else "?"
+
+    def acquire(self) -> "RunFolderLock":
+        """Take the lock, or raise :class:`CheckpointError` naming the process that has it."""
+        if not self.try_acquire():
+            pid = self.holder()
+            raise CheckpointError(
+                f"{self.folder} is in use by another mbdml process (PID {pid}), which is writing that run; wait for it "
+                f"to finish, or stop it (kill {pid}), then try again"
+            )
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def remove_leftover_temp_files(folder: str | Path) -> int:
+    """Remove the temporary files (``.<name>.*.tmp``) that writes interrupted by a kill left
+    in a run folder and its sub-folders; call it with the folder's lock held. Returns how many."""
+    removed = 0
+    for tmp in Path(folder).rglob(".*.tmp"):
+        try:
+            if tmp.is_file():
+                tmp.unlink()
+                removed += 1
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d unfinished temporary file(s) that an interrupted write left in %s", removed, folder)
+    return removed
+
+
+def _cannot_create(folder: Path, exc: OSError, fix: str) -> CheckpointError:
+    return CheckpointError(f"cannot create the run folder {folder} ({write_failure_reason(exc, folder)}); {fix}")
+
+
+def claim_run_dir(folder: str | Path, fix: str = "choose another --save_dir") -> RunFolderLock:
+    """Create ``folder`` if needed and lock it for this process (see :class:`RunFolderLock`);
+    leftover temporary files of an earlier, killed writer are removed."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_create(folder, exc, fix) from None
+    lock = RunFolderLock(folder).acquire()
+    remove_leftover_temp_files(folder)
+    return lock
+
+
+def holds_no_run(folder: str | Path) -> bool:
+    """Whether ``folder`` is empty, or holds only what a start that failed before training left
+    (its ``train.log`` and lock file): a new run may use it."""
+    try:
+        return all(e.name in _NO_RUN_FILES or e.name.endswith(".tmp") for e in os.scandir(folder))
+    except OSError:
+        return False
+
+
+def next_run_dir(save_dir: str | Path, name: str) -> Path:
+    """``save_dir/name``, or ``name-2``, ``name-3``... when that folder already holds a run
+    (what :func:`claim_new_run_dir` would take, unless another process is quicker)."""
     base = Path(save_dir) / name
     path, i = base, 1
-    while path.exists() and any(path.iterdir()):
+    while path.exists() and not (path.is_dir() and holds_no_run(path) and not _in_use(path)):
         i += 1
         path = base.with_name(f"{name}-{i}")
     return path
 
 
+def _in_use(folder: Path) -> bool:
+    """Whether a process holds the folder's lock (a run that is starting)."""
+    if not (folder / LOCK_FILE).is_file():
+        return False
+    lock = RunFolderLock(folder)
+    try:
+        if lock.try_acquire():
+            lock.release()
+            return False
+    except CheckpointError:
+        return False
+    return True
+
+
+def claim_new_run_dir(save_dir: str | Path, name: str, fix: str = "choose another --save_dir") -> tuple[Path, RunFolderLock]:
+    """Create and lock a new run folder ``save_dir/name`` (``name-2``, ``name-3``... when taken).
+
+    ``os.mkdir`` either creates the folder or fails because it exists, so two processes
+    starting at once never share one. A folder that holds no run (a start that failed
+    before training) and that no process holds is used again.
+    """
+    save = Path(save_dir)
+    try:
+        save.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_create(save / name, exc, fix) from None
+    i = 1
+    while True:
+        path = save / (name if i == 1 else f"{name}-{i}")
+        i += 1
+        try:
+            os.mkdir(path)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as exc:
+            raise _cannot_create(path, exc, fix) from None
+        if not path.is_dir() or not (created or holds_no_run(path)):
+            continue
+        lock = RunFolderLock(path)
+        if not lock.try_acquire():
+            continue
+        if created or holds_no_run(path):
+            remove_leftover_temp_files(path)
+            return path, lock
+        lock.release()
+
+
+# ------------------------------------------------------------------ the files
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """All rows, with the union of their keys as columns (written atomically)."""
     keys: list[str] = []
@@ -77,6 +253,18 @@ class RunFolder:
         if log.level == logging.NOTSET or log.level > logging.INFO:
             log.setLevel(logging.INFO)
         self._log_handler = handler
+
+    def log_failure(self, exc: BaseException) -> None:
+        """Put why the run stopped into train.log only (the command line prints it to the terminal)."""
+        if self._log_handler is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            msg, exc_info = f"interrupted; continue with 'mbdml train --resume {self.path}'", None
+        elif isinstance(exc, MbdmlError):
+            msg, exc_info = str(exc), None
+        else:
+            msg, exc_info = f"{type(exc).__name__}: {exc}", (type(exc), exc, exc.__traceback__)
+        self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "run stopped: %s", (msg,), exc_info))
 
     def close(self) -> None:
         """Stop writing the log and the TensorBoard scalars."""

@@ -300,10 +300,11 @@ def start_from_teacher(model: torch.nn.Module, method: torch.nn.Module, cfg: Run
     weights other than the kernel's (the mixup head), into the student's ``model`` and
     ``method``. The kernel's per-centre weights start afresh: the student has more
     centres. Returns the method weights copied; the networks must be the same."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_model_state, load_checkpoint
 
     tdir = teacher_folder(cfg, run_dir)
     state = load_checkpoint(tdir / "last.pt", map_location="cpu")
+    check_model_state(state, tdir / "last.pt", fix="pass the folder of a run written by 'mbdml train' as --teacher")
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as exc:

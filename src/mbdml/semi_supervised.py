@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import EntryRule
 from .config import RunConfig
 from .data.batches import augment_batch, normalize_batch
 from .data.randaugment import RandAugment, randaugment_batch
@@ -197,6 +198,12 @@ class RefreshLabelling(PseudoLabelTraining):
     def state_dict(self) -> dict[str, Any]:
         kept = self.kept
         return {"pseudo": None if kept is None else [kept.rows.cpu(), kept.labels.cpu(), kept.neighbours.int().cpu()]}
+
+    def state_rules(self) -> list[EntryRule]:
+        def three_tensors(v: Any) -> bool:
+            return v is None or (isinstance(v, list) and len(v) == 3 and all(isinstance(t, torch.Tensor) for t in v))
+
+        return [("pseudo", False, three_tensors, "none or three tensors: the pseudo-labels")]
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         if state.get("pseudo") is not None:

@@ -36,6 +36,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         image_size=cfg.input_size,
         on_bad_image=cfg.on_bad_image,
         cache_dir=cfg.cache_dir,
+        max_image_pixels=cfg.max_image_pixels,
     )
     if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
         raise DataError(

@@ -279,6 +279,93 @@ def test_bad_options(tmp_path: Path) -> None:
         load_image_folder(tmp_path, im_ext="png", image_size=0)
 
 
+def _png_declaring(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height pixels and whose data is a few bytes."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    head = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_image_of_more_pixels_than_the_cap_is_refused_before_decoding(tmp_path: Path, num_workers: int) -> None:
+    make_png_folder(tmp_path, {"a": 2, "b": 2}, h=20, w=20)
+    _png_declaring(tmp_path / "a" / "zz_bomb.png", 13_000, 13_000)  # 164 kB of real PNG decodes to 2 GB
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path, im_ext="png", num_workers=num_workers)
+    msg = str(err.value)  # had it been decoded, the few bytes of data would give a 'broken data stream' error
+    assert "zz_bomb.png' is 13000 x 13000 = 169,000,000 pixels, more than the 100,000,000 of --max_image_pixels" in msg
+    assert "--max_image_pixels N, or none" in msg and "--on-bad-image skip" in msg
+    kept = load_image_folder(tmp_path, im_ext="png", num_workers=num_workers, on_bad_image="skip")
+    assert len(kept) == 4
+    # the cap is the caller's: 400 pixels take the 20 x 20 images, 399 refuse them
+    (tmp_path / "a" / "zz_bomb.png").unlink()
+    assert len(load_image_folder(tmp_path, im_ext="png", max_image_pixels=400)) == 4
+    with pytest.raises(DataError, match="is 20 x 20 = 400 pixels, more than the 399 of --max_image_pixels"):
+        load_image_folder(tmp_path, im_ext="png", max_image_pixels=399)
+    with pytest.raises(ConfigError, match="--max_image_pixels"):
+        load_image_folder(tmp_path, im_ext="png", max_image_pixels=0)
+    from mbdml.config import RunConfig
+
+    assert RunConfig().max_image_pixels == sources.DEFAULT_MAX_IMAGE_PIXELS  # a run's default is the loader's
+
+
+def test_a_single_class_data_set_is_refused(tmp_path: Path) -> None:
+    make_png_folder(tmp_path / "train", {"cat": 3})
+    make_png_folder(tmp_path / "test", {"cat": 2})
+    with pytest.raises(DataError, match="has a single class \\('cat'\\).*at least two classes"):
+        load_dataset(str(tmp_path), im_ext="png", cache_dir=None)
+
+
+def test_files_of_other_image_extensions_are_counted_with_how_to_include_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_png_folder(tmp_path, {"a": 2, "b": 2})
+    save(tmp_path / "a" / "x.JPEG", rgb())
+    save(tmp_path / "b" / "y.jpg", rgb())
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="mbdml"):
+        assert len(load_image_folder(tmp_path, im_ext="png")) == 4
+    assert "left out 2 image file(s)" in caplog.text and "not '.png' (1 '.jpeg', 1 '.jpg')" in caplog.text
+    assert "pass --im_ext png,jpeg,jpg" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mbdml"):
+        assert len(load_image_folder(tmp_path, im_ext="png,jpeg,jpg")) == 6
+    assert "left out" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name, target, needle",
+    [
+        ("loop", "loop", "is a symbolic link that loops back on itself"),
+        ("gone", "nowhere", "is a symbolic link that points to 'nowhere', which does not exist"),
+        ("self", ".", "is a symbolic link to"),
+        ("up", "..", "is a symbolic link to"),
+    ],
+)
+def test_class_folder_links_that_loop_are_named(tmp_path: Path, name: str, target: str, needle: str) -> None:
+    make_png_folder(tmp_path / "data", {"a": 2, "b": 2})
+    (tmp_path / "data" / name).symlink_to(target)
+    with pytest.raises(DataError) as err:
+        load_image_folder(tmp_path / "data", im_ext="png")
+    assert f"class folder '{tmp_path / 'data' / name}' {needle}" in str(err.value)
+    if target in (".", ".."):
+        assert "a link loop, not a class" in str(err.value)
+
+
+def test_file_links_that_loop_are_counted_and_a_looping_data_path_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_png_folder(tmp_path / "data", {"a": 2, "b": 2})
+    (tmp_path / "data" / "a" / "l.png").symlink_to("l.png")
+    with caplog.at_level(logging.WARNING, logger="mbdml"):
+        assert len(load_image_folder(tmp_path / "data", im_ext="png")) == 4
+    assert "left out 1 link(s)" in caplog.text
+    (tmp_path / "x").symlink_to("y")
+    (tmp_path / "y").symlink_to("x")
+    with pytest.raises(DataError, match="data path '.*x' is a symbolic link that loops back on itself"):
+        load_dataset(str(tmp_path / "x"), cache_dir=None)
+
+
 def test_worker_pool_gives_the_same_result(tmp_path: Path) -> None:
     make_png_folder(tmp_path, {"a": 5, "b": 4, "c": 3})
     save(tmp_path / "c" / "odd.png", rgb(3, 3))
@@ -589,8 +676,8 @@ def test_load_dataset_train_test_layout_and_test_dir(tmp_path: Path) -> None:
 
 
 def test_load_dataset_test_resized_to_train_size(tmp_path: Path) -> None:
-    make_png_folder(tmp_path / "train", {"a": 2}, h=6, w=6)
-    make_png_folder(tmp_path / "test", {"a": 2}, h=4, w=4)
+    make_png_folder(tmp_path / "train", {"a": 2, "b": 1}, h=6, w=6)
+    make_png_folder(tmp_path / "test", {"a": 2, "b": 1}, h=4, w=4)
     train, test = load_dataset(str(tmp_path), im_ext="png", cache_dir=None)
     assert test.image_size == train.image_size == (6, 6)
 

@@ -12,13 +12,13 @@ Bad input never ends in a raw PIL/numpy traceback: it raises
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
 import struct
 import tarfile
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mbdml.data.cifar_pickle import read_cifar_pickle
 from mbdml.errors import ConfigError, DataError
 
 logger = logging.getLogger("mbdml")
@@ -45,6 +46,10 @@ __all__ = [
     "load_digits_builtin",
     "load_fashion_mnist",
     "load_dataset",
+    "is_dataset_name",
+    "check_max_image_pixels",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageTooLarge",
     "find_cifar10_archive",
     "unpack_cifar10_archive",
     "resize_images",
@@ -161,10 +166,16 @@ def resize_images(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Te
 
 
 def _normalise_ext(im_ext: str) -> str:
-    ext = str(im_ext).strip().lower().lstrip(".")
-    if not ext or "/" in ext or os.sep in ext:
-        raise ConfigError(f"image extension {im_ext!r} is not valid; pass --im_ext like 'jpg' or 'png'")
-    return ext
+    """``im_ext`` lower-cased without dots: one extension, or several joined by commas ('jpg,png')."""
+    exts = [e.strip().lower().lstrip(".") for e in str(im_ext).split(",")]
+    if not all(exts) or any("/" in e or os.sep in e for e in exts):
+        raise ConfigError(f"image extension {im_ext!r} is not valid; pass --im_ext like 'jpg', 'png' or 'jpg,jpeg,png'")
+    return ",".join(dict.fromkeys(exts))
+
+
+def _ext_names(ext: str) -> str:
+    """'.jpg', or '.jpg' or '.png', for messages."""
+    return " or ".join(f"'.{e}'" for e in ext.split(","))
 
 
 def _check_on_bad_image(on_bad_image: str) -> None:
@@ -174,9 +185,29 @@ def _check_on_bad_image(on_bad_image: str) -> None:
         )
 
 
+def check_max_image_pixels(max_pixels: int | None) -> None:
+    """The cap on pixels per image: a whole number >= 1, or None for no cap."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ConfigError(
+            f"max_image_pixels {max_pixels!r} is not a whole number >= 1; pass --max_image_pixels "
+            f"{DEFAULT_MAX_IMAGE_PIXELS} (the default), a larger number, or none for no cap"
+        )
+
+
 def _check_image_size(image_size: int | None) -> None:
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ConfigError(f"image size {image_size!r} is not a positive integer; pass --input_size 32, say")
+
+
+# What counts as an image file of another extension when files are left out (reported, with how to include them).
+_IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .jpe .png .bmp .gif .tif .tiff .webp .ppm .pgm .pbm .pnm".split())
+# Images larger than this (in pixels) are refused unless --max_image_pixels raises it: 100 megapixels
+# (300 MB decoded), above any camera's picture, and well below what a decompression bomb asks for.
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image has more pixels than the cap (a decompression bomb, or a huge picture)."""
 
 
 def _describe_extensions(counts: Counter[str]) -> str:
@@ -184,13 +215,34 @@ def _describe_extensions(counts: Counter[str]) -> str:
     return ", ".join(parts)
 
 
-def _decode_one(path: str, image_size: int | None) -> np.ndarray:
+def _open_image(path: str, max_pixels: int | None) -> Any:
+    """PIL's lazy open (the header only), refusing more than ``max_pixels`` pixels before decoding.
+
+    PIL's own check (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above twice
+    that) is replaced by ours, so that the cap is the one the user chose.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        im.close()
+        raise ImageTooLarge(f"{w} x {h} = {w * h:,} pixels, more than the {max_pixels:,} of --max_image_pixels")
+    return im
+
+
+def _decode_one(path: str, image_size: int | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one file to an RGB uint8 (H, W, 3) array; raises on any problem."""
     from PIL import Image
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels) as im:
             if im.mode == "RGB":
                 im.load()
                 rgb = im
@@ -213,15 +265,15 @@ def _decode_one(path: str, image_size: int | None) -> np.ndarray:
 
 
 def _decode_chunk(
-    task: tuple[list[int], list[str], int | None],
+    task: tuple[list[int], list[str], int | None, int | None],
 ) -> tuple[list[tuple[tuple[int, int], np.ndarray, np.ndarray]], list[tuple[int, str]]]:
     """Worker: decode files, group the results by size (one stacked array per size)."""
-    positions, paths, image_size = task
+    positions, paths, image_size, max_pixels = task
     groups: dict[tuple[int, int], tuple[list[int], list[np.ndarray]]] = {}
     bad: list[tuple[int, str]] = []
     for pos, path in zip(positions, paths):
         try:
-            arr = _decode_one(path, image_size)
+            arr = _decode_one(path, image_size, max_pixels)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
             bad.append((pos, f"{type(exc).__name__}: {exc}"))
             continue
@@ -253,6 +305,13 @@ def _pool_context() -> Any:
 
 
 def _bad_image_error(path: str, reason: str) -> DataError:
+    too_large = f"{ImageTooLarge.__name__}: "
+    if reason.startswith(too_large):
+        return DataError(
+            f"image file '{path}' is {reason[len(too_large):]}: a decompression bomb, or a very large picture, "
+            f"refused before decoding. If you trust it, raise the cap (--max_image_pixels N, or none for no cap), "
+            f"or pass --on-bad-image skip to leave such files out"
+        )
     return DataError(
         f"cannot read image file '{path}' ({reason}); delete or replace the file, "
         f"or pass --on-bad-image skip to leave unreadable files out"
@@ -260,12 +319,13 @@ def _bad_image_error(path: str, reason: str) -> DataError:
 
 
 def _decode_files(
-    paths: list[str], image_size: int | None, on_bad_image: str, num_workers: int | None
+    paths: list[str], image_size: int | None, on_bad_image: str, num_workers: int | None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[tuple[tuple[int, int], np.ndarray, np.ndarray]], list[tuple[int, str]]]:
     """Decode ``paths`` (in a process pool when there are many); raise on a bad file in error mode."""
     n = len(paths)
     tasks = [
-        (list(range(s, min(s + _POOL_CHUNK, n))), paths[s : s + _POOL_CHUNK], image_size)
+        (list(range(s, min(s + _POOL_CHUNK, n))), paths[s : s + _POOL_CHUNK], image_size, max_pixels)
         for s in range(0, n, _POOL_CHUNK)
     ]
     workers = min(_worker_count(n, num_workers), len(tasks))
@@ -332,10 +392,63 @@ def _assemble(
 # --------------------------------------------------------------------------- image folders
 
 
+def _missing_path_error(path: Path, what: str, fix: str) -> DataError:
+    """'does not exist', or the real reason when ``path`` is a link that leads nowhere."""
+    if path.is_symlink():
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        why = "loops back on itself" if _is_link_loop(path) else f"points to '{target}', which does not exist"
+        return DataError(f"{what} '{path}' is a symbolic link that {why}; fix or remove the link, or {fix}")
+    return DataError(f"{what} '{path}' does not exist; {fix}")
+
+
+def _is_link_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """'dir', 'file', 'loop' (a link that loops), 'broken' (a link to nothing) or 'other'."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as exc:
+        return "loop" if exc.errno == errno.ELOOP else "broken"
+    if entry.is_symlink():
+        return "loop" if _is_link_loop(Path(entry.path)) else "broken"
+    return "other"
+
+
+def _check_class_link(root: Path, entry: os.DirEntry[str]) -> None:
+    """Refuse a class folder that is a link to the data folder itself or a folder above it
+    (``self -> .``): it would read as a class holding the other class folders."""
+    if not entry.is_symlink():
+        return
+    target = Path(entry.path).resolve()
+    if target == root or target in root.parents:
+        raise DataError(
+            f"class folder '{root / entry.name}' is a symbolic link to '{target}', which is the data folder "
+            f"'{root}' or a folder above it (a link loop, not a class); remove the link"
+        )
+
+
 def _list_class_folders(root: Path, im_ext: str, classes: list[str] | None) -> tuple[list[str], list[tuple[str, int, str, int, int]]]:
-    """Returns the class list and (relative path, label, absolute path, size, mtime_ns) per image."""
+    """Returns the class list and (relative path, label, absolute path, size, mtime_ns) per image.
+
+    ``im_ext`` is one extension or several joined by commas. Files of other image
+    extensions are left out and counted in a warning that says how to include them;
+    links that loop or lead nowhere are named in an error (class folders) or counted
+    (files).
+    """
     if not root.exists():
-        raise DataError(f"image folder '{root}' does not exist; check the path (--data_dir / --test)")
+        raise _missing_path_error(root, "image folder", "check the path (--data_dir / --test)")
     if not root.is_dir():
         raise DataError(
             f"'{root}' is a file, not a folder; pass a folder laid out as <folder>/<class name>/<image>.{im_ext}"
@@ -344,9 +457,15 @@ def _list_class_folders(root: Path, im_ext: str, classes: list[str] | None) -> t
         entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as exc:
         raise DataError(f"cannot list image folder '{root}' ({exc}); check that it is readable") from exc
-    sub = [e.name for e in entries if e.is_dir()]
+    kinds = {e.name: _entry_kind(e) for e in entries}
+    for e in entries:
+        if kinds[e.name] in ("loop", "broken"):
+            raise _missing_path_error(root / e.name, "class folder", "move it out of the data folder")
+        if kinds[e.name] == "dir":
+            _check_class_link(root, e)
+    sub = [e.name for e in entries if kinds[e.name] == "dir"]
     if not sub:
-        loose = sum(1 for e in entries if e.is_file())
+        loose = sum(1 for e in entries if kinds[e.name] == "file")
         hint = f" (it holds {loose} loose files)" if loose else ""
         raise DataError(
             f"image folder '{root}' has no class sub-folders{hint}; put the images in one sub-folder per "
@@ -365,19 +484,28 @@ def _list_class_folders(root: Path, im_ext: str, classes: list[str] | None) -> t
                 f"classes to the training set"
             )
     index = {c: i for i, c in enumerate(class_list)}
-    suffix = "." + im_ext
+    suffixes = {"." + e for e in im_ext.split(",")}
     files: list[tuple[str, int, str, int, int]] = []
+    left_out: Counter[str] = Counter()  # image files of other extensions, in folders that have images
+    bad_links = 0
     for name in sub:
         folder = root / name
         found: list[tuple[str, int, int]] = []
         others: Counter[str] = Counter()
+        links = 0
         try:
             with os.scandir(folder) as it:
                 for e in it:
-                    if not e.is_file() or e.name.startswith("."):
+                    if e.name.startswith("."):
+                        continue
+                    kind = _entry_kind(e)
+                    if kind in ("loop", "broken"):
+                        links += 1
+                        continue
+                    if kind != "file":
                         continue
                     ext = os.path.splitext(e.name)[1].lower()
-                    if ext == suffix:
+                    if ext in suffixes:
                         st = e.stat()
                         found.append((e.name, st.st_size, st.st_mtime_ns))
                     else:
@@ -385,21 +513,32 @@ def _list_class_folders(root: Path, im_ext: str, classes: list[str] | None) -> t
         except OSError as exc:
             raise DataError(f"cannot list class folder '{folder}' ({exc}); check that it is readable") from exc
         if not found:
-            what = f"it holds {_describe_extensions(others)} files instead" if others else "it is empty"
+            what = f"it holds {_describe_extensions(others)} files instead" if others else (
+                f"it holds only {links} link(s) that loop or lead nowhere" if links else "it is empty")
             fix = "pass --im_ext to match them, add images, or remove the folder" if others else "add images or remove the folder"
-            raise DataError(f"class folder '{folder}' holds no '.{im_ext}' images ({what}); {fix}")
+            raise DataError(f"class folder '{folder}' holds no {_ext_names(im_ext)} images ({what}); {fix}")
+        left_out.update({k: v for k, v in others.items() if k in _IMAGE_EXTENSIONS})
+        bad_links += links
         found.sort()
         for fname, size, mtime in found:
             files.append((f"{name}/{fname}", index[name], str(folder / fname), size, mtime))
+    if left_out:
+        wider = ",".join(dict.fromkeys(im_ext.split(",") + [k.lstrip(".") for k, _ in left_out.most_common()]))
+        logger.warning(
+            "left out %d image file(s) under '%s' whose extension is not %s (%s); to use them too, pass --im_ext %s",
+            sum(left_out.values()), root, _ext_names(im_ext), _describe_extensions(left_out), wider,
+        )
+    if bad_links:
+        logger.warning("left out %d link(s) under '%s' that loop or lead nowhere; fix or remove them", bad_links, root)
     return class_list, files
 
 
 def _cache_key(
     root: Path, im_ext: str, image_size: int | None, classes: list[str] | None, on_bad_image: str,
-    files: list[tuple[str, int, str, int, int]],
+    files: list[tuple[str, int, str, int, int]], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> str:
     h = hashlib.sha1()
-    head = {
+    head: dict[str, Any] = {
         "format": _CACHE_FORMAT,
         "root": str(root),
         "im_ext": im_ext,
@@ -407,6 +546,8 @@ def _cache_key(
         "classes": classes,
         "on_bad_image": on_bad_image,
     }
+    if on_bad_image == "skip":  # the cap decides which files are left out; in error mode it only refuses
+        head["max_image_pixels"] = max_pixels
     h.update(json.dumps(head, sort_keys=True).encode())
     for rel, _, _, size, mtime in sorted(files):
         h.update(f"\n{rel}\t{size}\t{mtime}".encode("utf-8", "surrogateescape"))
@@ -431,6 +572,10 @@ def _read_cache(path: Path) -> tuple[ImageSet, list[str]] | None:
 
 
 def _write_cache(path: Path, data: ImageSet, skipped: list[str]) -> None:
+    """Store the decoded set atomically; a full disk or an unwritable folder only costs the cache
+    (a warning, and no partial file is left)."""
+    from mbdml.checkpoint import is_write_failure, write_failure_reason
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,12 +588,19 @@ def _write_cache(path: Path, data: ImageSet, skipped: list[str]) -> None:
         }
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as exc:
-        logger.warning("cannot write image cache '%s' (%s); continuing without it", path, exc)
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if not is_write_failure(exc):
+            raise
+        reason = write_failure_reason(exc, path.parent)
+        logger.warning(
+            "cannot write image cache '%s' (%s); continuing without it: free disk space in '%s' or pass another "
+            "--cache_dir to keep the decoded images for the next run",
+            path, reason, path.parent,
+        )
 
 
 def _warn_skipped(root: Path, skipped: list[str]) -> None:
@@ -470,6 +622,7 @@ def load_image_folder(
     cache_dir: str | Path | None = None,
     *,
     num_workers: int | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ImageSet:
     """Decode ``root/<class name>/*.<im_ext>`` into an :class:`ImageSet` (the authors' layout).
 
@@ -482,20 +635,24 @@ def load_image_folder(
     folder, the options and every file's path, size and mtime, so a second load
     only reads one file. ``num_workers`` forces the number of decoding processes
     (0 = decode here); by default a pool is used for 2048 files or more.
+    ``im_ext`` may name several extensions ('jpg,jpeg,png'). An image of more than
+    ``max_image_pixels`` pixels (None: no cap) is refused before it is decoded, like
+    an unreadable one (``on_bad_image``).
     """
     _check_on_bad_image(on_bad_image)
     _check_image_size(image_size)
+    check_max_image_pixels(max_image_pixels)
     ext = _normalise_ext(im_ext)
     root = Path(root).expanduser()
     try:
         root = root.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # a link loop: reported below with what is wrong
         pass
     class_list, files = _list_class_folders(root, ext, classes)
 
     cache_path: Path | None = None
     if cache_dir is not None:
-        key = _cache_key(root, ext, image_size, None if classes is None else class_list, on_bad_image, files)
+        key = _cache_key(root, ext, image_size, None if classes is None else class_list, on_bad_image, files, max_image_pixels)
         cache_path = Path(cache_dir).expanduser() / f"{key}.pt"
         cached = _read_cache(cache_path)
         if cached is not None:
@@ -506,11 +663,11 @@ def load_image_folder(
 
     paths = [f[2] for f in files]
     labels_all = torch.tensor([f[1] for f in files], dtype=torch.int64)
-    groups, bad = _decode_files(paths, image_size, on_bad_image, num_workers)
+    groups, bad = _decode_files(paths, image_size, on_bad_image, num_workers, max_image_pixels)
     skipped = [files[pos][0] for pos, _ in sorted(bad)]
     if not groups:
         raise DataError(
-            f"none of the {len(files)} '.{ext}' files under '{root}' could be read (first: '{paths[bad[0][0]]}': "
+            f"none of the {len(files)} {_ext_names(ext)} files under '{root}' could be read (first: '{paths[bad[0][0]]}': "
             f"{bad[0][1]}); check that they are images, or pass --im_ext to match your files"
         )
     images, ok = _assemble(len(files), groups, root)
@@ -559,21 +716,13 @@ def _dict_get(d: dict[Any, Any], key: str, path: Path) -> Any:
 
 
 def _unpickle(path: Path) -> dict[Any, Any]:
-    # The CIFAR python files are pickles: unpickling runs code chosen by whoever wrote
-    # the file, so only load files you trust (the official archives).
+    """A CIFAR pickle's dict, read without running code (:mod:`mbdml.data.cifar_pickle`)."""
     if not path.is_file():
         raise DataError(
             f"CIFAR file '{path}' is missing; unpack the CIFAR 'python version' archive there "
             f"(CIFAR-10: data_batch_1..5, test_batch, batches.meta; CIFAR-100: train, test, meta)"
         )
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise DataError(
-            f"cannot read CIFAR file '{path}' ({type(exc).__name__}: {exc}); replace it with the file "
-            f"from a fresh copy of the CIFAR 'python version' archive"
-        ) from exc
+    obj = read_cifar_pickle(path)
     if not isinstance(obj, dict):
         raise DataError(
             f"CIFAR file '{path}' holds a {type(obj).__name__}, not a dict; replace it with the file from the "
@@ -582,10 +731,44 @@ def _unpickle(path: Path) -> dict[Any, Any]:
     return obj
 
 
+def _class_names(raw: Any, path: Path, key: str) -> list[str]:
+    """The meta file's class names: a non-empty list of text or byte strings."""
+    what = None
+    if not isinstance(raw, list):
+        what = f"a {type(raw).__name__}"
+    elif not raw:
+        what = "an empty list"
+    else:
+        bad = [n for n in raw if not isinstance(n, (str, bytes))]
+        if bad:
+            what = f"a list holding {type(bad[0]).__name__} values such as {str(bad[0])[:40]!r}"
+    if what is not None:
+        raise DataError(
+            f"CIFAR file '{path}' has '{key}' as {what}, not a list of class names (strings); replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        )
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else n for n in raw]
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"CIFAR file '{path}' has a class name in '{key}' that is not UTF-8 text ({exc}); replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        ) from None
+
+
 def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     data = np.asarray(_dict_get(d, "data", path))
-    labels = np.asarray(_dict_get(d, label_key, path))
+    raw_labels = _dict_get(d, label_key, path)
+    if isinstance(raw_labels, np.ndarray) and raw_labels.dtype.kind in "iu":
+        labels = raw_labels
+    elif isinstance(raw_labels, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in raw_labels):
+        labels = np.asarray(raw_labels, dtype=np.int64)
+    else:
+        raise DataError(
+            f"CIFAR file '{path}' has '{label_key}' that is not a list of whole numbers; replace it with the "
+            f"file from the CIFAR 'python version' archive"
+        )
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(
             f"CIFAR file '{path}' has 'data' of dtype {data.dtype} and shape {data.shape}, not uint8 (N, 3072); "
@@ -611,7 +794,9 @@ def load_cifar_pickle(root: str | Path, train: bool) -> ImageSet:
     CIFAR-10: ``data_batch_1..5``/``test_batch`` with ``batches.meta``; CIFAR-100:
     ``train``/``test`` with ``meta`` (fine labels). ``root`` may also be the folder
     holding ``cifar-10-batches-py`` or ``cifar-100-python``. The files are Python
-    pickles: unpickling can run arbitrary code, so only load files you trust.
+    pickles, read by a restricted unpickler (:mod:`mbdml.data.cifar_pickle`): a file
+    that asks for anything but dicts, lists, strings, numbers and numeric arrays is
+    refused, and nothing in it runs.
     """
     root = _resolve_cifar_root(Path(root).expanduser())
     if not root.is_dir():
@@ -629,8 +814,8 @@ def load_cifar_pickle(root: str | Path, train: bool) -> ImageSet:
             f"'{root}' holds no CIFAR python files (neither 'batches.meta' nor 'meta'); pass the folder of the "
             f"unpacked 'python version' archive (cifar-10-batches-py or cifar-100-python)"
         )
-    raw_names = _dict_get(meta, names_key, root / ("batches.meta" if label_key == "labels" else "meta"))
-    classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw_names]
+    meta_path = root / ("batches.meta" if label_key == "labels" else "meta")
+    classes = _class_names(_dict_get(meta, names_key, meta_path), meta_path, names_key)
     parts = [_cifar_batch(f, label_key, len(classes)) for f in files]
     images = torch.from_numpy(np.ascontiguousarray(np.concatenate([p[0] for p in parts])))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -944,7 +1129,8 @@ def unpack_cifar10_archive(
 
 def _is_class_folder_root(p: Path) -> bool:
     try:
-        return p.is_dir() and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(p))
+        with os.scandir(p) as it:
+            return any(not e.name.startswith(".") and _entry_kind(e) == "dir" for e in it)
     except OSError:
         return False
 
@@ -985,6 +1171,26 @@ def _no_test_dir(spec: str, test_dir: str | Path | None) -> None:
         )
 
 
+_NAME_ALIASES = {"digits": "digits", "fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist",
+                 "fashionmnist": "fashion-mnist", "cifar10": "cifar10", "cifar-10": "cifar10"}
+
+
+def is_dataset_name(spec: str) -> bool:
+    """Whether ``spec`` names a built-in data set (digits, fashion-mnist, cifar10) rather than a path."""
+    return str(spec).strip().lower() in _NAME_ALIASES
+
+
+def _check_two_classes(spec: str, train: ImageSet) -> None:
+    """A classifier needs two classes: refuse a data set with one (every metric would read 100%)."""
+    present = sorted(set(train.labels.tolist()))
+    if train.num_classes < 2 or len(present) < 2:
+        only = train.classes[present[0]] if present else (train.classes[0] if train.classes else "?")
+        raise DataError(
+            f"data set '{spec}' has a single class ('{only}'): every image would be classified right and every "
+            f"metric would read 100%; a classifier needs at least two classes: add a folder (or labels) per class"
+        )
+
+
 def load_dataset(
     spec: str,
     test_dir: str | Path | None = None,
@@ -994,6 +1200,7 @@ def load_dataset(
     cache_dir: str | Path | None = ".cache/mbdml",
     *,
     num_workers: int | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[ImageSet, ImageSet]:
     """Return (train, test) for a named data set or a path.
 
@@ -1005,13 +1212,24 @@ def load_dataset(
     test set (the authors' ``--data_dir`` / ``--test``). Test classes are mapped
     onto the training classes by name. ``image_size`` resizes everything to a
     square once at load time. ``cache_dir`` holds decoded image folders (and the
-    unpacked archive); None turns the decoded cache off.
+    unpacked archive); None turns the decoded cache off. Image files of more than
+    ``max_image_pixels`` pixels are refused before decoding (None: no cap). A data
+    set whose training part has a single class is refused.
     """
     _check_on_bad_image(on_bad_image)
     _check_image_size(image_size)
-    key = str(spec).strip()
+    check_max_image_pixels(max_image_pixels)
+    folder_kw = dict(im_ext=im_ext, image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers,
+                     max_image_pixels=max_image_pixels)
+    train, test = _load_pair(str(spec).strip(), test_dir, image_size, cache_dir, folder_kw)
+    _check_two_classes(str(spec).strip(), train)
+    return train, test
+
+
+def _load_pair(
+    key: str, test_dir: str | Path | None, image_size: int | None, cache_dir: str | Path | None, folder_kw: dict[str, Any],
+) -> tuple[ImageSet, ImageSet]:
     low = key.lower()
-    folder_kw = dict(im_ext=im_ext, image_size=image_size, on_bad_image=on_bad_image, num_workers=num_workers)
 
     def folders(train_root: Path, test_root: Path, cache: str | Path | None) -> tuple[ImageSet, ImageSet]:
         train = load_image_folder(train_root, cache_dir=cache, **folder_kw)  # type: ignore[arg-type]
@@ -1038,6 +1256,8 @@ def load_dataset(
 
     path = Path(key).expanduser()
     if not path.exists():
+        if path.is_symlink():
+            raise _missing_path_error(path, "data path", f"pass one of {', '.join(DATASET_NAMES)}, or the path of a data folder")
         raise DataError(
             f"data '{key}' is neither a known data set nor an existing path; pass one of "
             f"{', '.join(DATASET_NAMES)}, or the path of a data folder"
@@ -1057,6 +1277,7 @@ def load_dataset(
         _no_test_dir(key, test_dir)
         return _resize_pair(*_load_idx_folder(path), image_size)
     if not _is_class_folder_root(path):
+        im_ext = folder_kw["im_ext"]
         raise DataError(
             f"data folder '{path}' matches no known layout; it needs class sub-folders (<class>/<image>.{im_ext}), "
             f"train/ and test/ class folders, CIFAR python files (data_batch_1.., or train + meta) or IDX files "
