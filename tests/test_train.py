@@ -3,6 +3,7 @@
 import copy
 import csv
 import dataclasses
+import datetime
 import json
 import logging
 import re
@@ -29,7 +30,7 @@ def small(tmp_path, **kw):
 
 
 def test_run_writes_its_folder_and_reloads(tmp_path):
-    res = train(small(tmp_path, method="mbdml3", retrieval_metrics=True, name="r"))
+    res = train(small(tmp_path, method="mbdml3", retrieval_metrics=True, class_floor="authors", name="r"))
     d = res.run_dir
     for f in ("config.json", "environment.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "accuracy.png", "train.log"):
         assert (d / f).is_file(), f
@@ -42,8 +43,15 @@ def test_run_writes_its_folder_and_reloads(tmp_path):
     assert summary["final"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
     assert summary["final"]["map_at_r"] is not None and summary["final"]["nmi"] is not None
     assert "test set" in summary["authors_best_on_test"]["note"]
+    finished = datetime.datetime.strptime(summary["finished"], "%Y-%m-%dT%H:%M:%S%z")
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - finished).total_seconds()) < 600
+    # Both checkpoints keep the images' shape; the run's floor is the one its kernel was built with.
+    for which in ("last", "best"):
+        assert torch.load(d / f"{which}.pt", weights_only=True)["image_shape"] == [1, 8, 8]
+        assert load_run(d, which).image_shape == (1, 8, 8)
     # The saved last checkpoint, reloaded, gives back the final test accuracy.
     run = load_run(d, "last")
+    assert run.kernel.class_floor == "authors"
     data = prepare_data(run.config)
     from mbdml.evaluate import compute_embeddings, nngk_accuracy
 
