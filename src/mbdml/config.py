@@ -21,7 +21,7 @@ Presets (:data:`PRESET_VALUES`):
 
 - ``default``: ours, for training from scratch on a CPU (a small CIFAR-style ResNet, a
   128-d embedding, padded-crop + flip, Adam). Chosen on validation data only.
-- ``scratch``: the longer from-scratch recipe of docs/accuracy.md, chosen on validation
+- ``scratch``: the longer from-scratch recipe of docs/recipes.md, chosen on validation
   data: SGD with Nesterov momentum on a one-cycle schedule (0.05), label smoothing 0.1,
   batch 128, test-time flip, a refresh every 4 epochs, 70 epochs (about 30 minutes of
   CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16``).
@@ -29,10 +29,9 @@ Presets (:data:`PRESET_VALUES`):
   EfficientNet-Lite0 (the weights of the ``efficientnet`` extra), images resized to
   128 pixels, the stem and first 3 stages kept fixed (``freeze_stages``), a rate of
   0.02, a refresh every 6 epochs, 30 epochs, and one pass per image for the methods
-  with a clean and a mixed term (``split_batch``): about 29 minutes of MbDML1 on
-  CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16``, 51-59 in float32 on an
-  AVX2 CPU (docs/accuracy.md). Until 2026-12-02 it used 96 pixels, a refresh every 4
-  epochs and two passes.
+  with a clean and a mixed term (``split_batch``): about half an hour of MbDML1 on
+  CIFAR-10 at 10% labels on two CPU cores with ``--amp bf16`` (docs/recipes.md gives
+  each method's accuracy and minutes per run).
 - ``paper``: the authors' set-up (SPEC §5) and their README's command: ResNet-50 (2048-d
   post-ReLU features as the embedding), BatchNorm frozen, flip only, Adam at 1e-5, batch
   32, 200 epochs, their classifier's floor (``class_floor="authors"``), their scripts'
@@ -273,7 +272,7 @@ class RunConfig:
     method: str = _what("mbdml2", "training method (default mbdml2)", choices=METHOD_NAMES, single_run=True)
     preset: str = _what(
         "default",
-        "'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' "
+        "'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/recipes.md), 'finetune' "
         "(that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 128 px, its first 3 stages fixed, one pass per "
         "image) or 'paper' (the authors' set-up)",
         choices=("default", "scratch", "finetune", "paper"),
@@ -712,8 +711,8 @@ PRESETS = tuple(PRESET_VALUES)
 
 # Values a preset gives per method. The authors' mixup weights s (SPEC §4; ours are 1
 # everywhere). The ``finetune`` preset's one pass per image (``split_batch``) for the
-# methods with a clean and a mixed term: its figures were measured so (docs/accuracy.md,
-# runs V-AX); elsewhere the paper's two passes.
+# methods with a clean and a mixed term: its figures were measured so (docs/recipes.md);
+# elsewhere the paper's two passes.
 PAPER_SCALE_MIXUP = {"mixup": 1e-4, "mbdml1": 1e-4, "mbdml2": 1e-4, "mbdml3": 2.0}
 SPLIT_BATCH_PRESETS = ("finetune",)
 

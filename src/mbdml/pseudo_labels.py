@@ -33,7 +33,7 @@ def labeller_probabilities(
     centres), on every centre (``kernel_all``), the ``head``'s softmax, or the mean.
 
     The kernel classifier's probabilities saturate when all K nearest centres are of
-    one class: the fine-tuned Lite0 of docs/accuracy.md gives 83% of the unlabelled
+    one class: the fine-tuned Lite0 of docs/unlabelled.md gives 83% of the unlabelled
     images a top probability of exactly 1.0 (K = 200), so a ranking by it cannot tell
     a sure image from a doubtful one. On every centre, and through the head, they keep
     that order (``benchmarks/pseudo_labellers.py`` measures them).
