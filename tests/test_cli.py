@@ -120,15 +120,22 @@ def test_train_evaluate_embed_on_a_folder(tmp_path, capsys):
     assert main(["train", "--resume", str(run_dir)]) == 0
 
 
-def test_evaluate_prints_the_figures_of_the_runs_summary(tmp_path, capsys):
-    """'mbdml evaluate' embeds the test images as the run did (here with test-time flips,
-    channels-last and the scratch recipe's precision), so the last and the best checkpoint
-    give the figures of the run's summary.json."""
+@pytest.mark.parametrize(
+    "preset, network",
+    [
+        ("scratch", ["--width", "8", "--embedding_dim", "16"]),
+        # the pretrained Lite0 with its first stages fixed (their outputs kept), one pass per image
+        ("finetune", ["--model", "efficientnet_lite0", "--input_size", "16"]),
+    ],
+)
+def test_evaluate_prints_the_figures_of_the_runs_summary(tmp_path, capsys, preset, network):
+    """'mbdml evaluate' embeds the test images as the run did (with the presets' test-time
+    flips, channels-last and precision), so the last and the best checkpoint give the
+    figures of the run's summary.json; 'mbdml embed' gives the embeddings behind them."""
     run_dir = tmp_path / "flip"
-    assert main(["-q", "train", "--preset", "scratch", "--dataset", "digits", "--method", "mbdml1", "--width", "8",
-                 "--embedding_dim", "16", "--k", "20", "--batch_size", "32", "--sigma", "1", "--max_epochs", "2",
-                 "--update_interval", "1", "--tta_flip", "true", "--save_dir", str(tmp_path), "--name", "flip",
-                 "--cache_dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert main(["-q", "train", "--preset", preset, "--dataset", "digits", "--method", "mbdml1", *network, "--k", "20",
+                 "--batch_size", "32", "--sigma", "1", "--max_epochs", "2", "--update_interval", "1", "--tta_flip", "true",
+                 "--save_dir", str(tmp_path), "--name", "flip", "--cache_dir", str(tmp_path / "cache"), "--no-progress"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     for which, selection, keys in (("last", "final", ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")),
                                    ("best", "best_val", ("nngk_acc", "knn_acc"))):
