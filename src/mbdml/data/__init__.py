@@ -1,9 +1,10 @@
 """Data: loading real images into memory, labelled-fraction splits, and batches.
 
-Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`), splits are
-seeded and stratified (:mod:`mbdml.data.split`), and batches are cut, augmented
-and normalised on whole tensors (:mod:`mbdml.data.batches`; the strong RandAugment
-view in :mod:`mbdml.data.randaugment`).
+Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`: a data set by
+name or folder, looked up in a table of loaders, one module per format), splits
+are seeded and stratified (:mod:`mbdml.data.split`), and batches are cut,
+augmented and normalised on whole tensors (:mod:`mbdml.data.batches`; the strong
+RandAugment view in :mod:`mbdml.data.randaugment`).
 """
 
 from mbdml.data.batches import PADDING_MODES, Augmentation, Batch, BatchLoader, augment_batch, normalize_batch
@@ -14,6 +15,7 @@ from mbdml.data.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     ImageSet,
+    detect_folder_kind,
     find_cifar10_archive,
     load_cifar_pickle,
     load_dataset,
@@ -43,6 +45,7 @@ __all__ = [
     "SPLIT_MODES",
     "augment_batch",
     "check_every_class_labelled",
+    "detect_folder_kind",
     "find_cifar10_archive",
     "labelled_split",
     "validation_split",
