@@ -27,7 +27,14 @@ from mbdml.data.sources import (
     unpack_cifar10_archive,
 )
 from mbdml.data.randaugment import RANDAUGMENT_OPS, RandAugment, randaugment_batch
-from mbdml.data.split import SPLIT_MODES, check_every_class_labelled, labelled_split, validation_split
+from mbdml.data.split import (
+    SPLIT_MODES,
+    SemiSupervisedSplit,
+    check_every_class_labelled,
+    labelled_split,
+    semi_supervised_split,
+    validation_split,
+)
 
 __all__ = [
     "Augmentation",
@@ -43,6 +50,7 @@ __all__ = [
     "RANDAUGMENT_OPS",
     "RandAugment",
     "SPLIT_MODES",
+    "SemiSupervisedSplit",
     "augment_batch",
     "check_every_class_labelled",
     "detect_folder_kind",
@@ -58,5 +66,6 @@ __all__ = [
     "normalize_batch",
     "randaugment_batch",
     "resize_images",
+    "semi_supervised_split",
     "unpack_cifar10_archive",
 ]
