@@ -7,6 +7,7 @@ or, for a path, the first folder kind whose test matches (:data:`FOLDER_KINDS`),
 each with its loader. The formats live in their own modules:
 
 - :mod:`mbdml.data.image_folder`: class folders (``<class>/<image>``), with the cache;
+- :mod:`mbdml.data.unlabelled`: a folder of unlabelled images in any nesting;
 - :mod:`mbdml.data.cifar`: CIFAR python pickles and the CIFAR-10 JPEG archive;
 - :mod:`mbdml.data.idx`: IDX files (Fashion-MNIST);
 - :mod:`mbdml.data.builtin`: scikit-learn's digits.
@@ -42,12 +43,16 @@ from mbdml.data.decode import (
 from mbdml.data.files import has_sub_folder, missing_path_error
 from mbdml.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, is_idx_folder, load_fashion_mnist, load_idx, load_idx_folder
 from mbdml.data.image_folder import load_image_folder, load_train_test_folders
-from mbdml.data.imageset import ImageSet, resize_images
+from mbdml.data.imageset import UNKNOWN_LABEL, ImageSet, UnlabelledImages, resize_images
+from mbdml.data.unlabelled import load_unlabelled_folder
 from mbdml.errors import ConfigError, DataError
 
 __all__ = [
     "ImageSet",
+    "UnlabelledImages",
+    "UNKNOWN_LABEL",
     "load_image_folder",
+    "load_unlabelled_folder",
     "load_cifar_pickle",
     "load_idx",
     "load_digits_builtin",
@@ -69,7 +74,12 @@ __all__ = [
     "FOLDER_KINDS",
     "NAMED_DATASETS",
     "ON_BAD_IMAGE_CHOICES",
+    "UNLABELLED_DIR_NAMES",
 ]
+
+# The names of a data folder's sub-folder of unlabelled images (either spelling).
+UNLABELLED_DIR_NAMES = ("unlabelled", "unlabeled")
+
 
 @dataclass(frozen=True)
 class LoadRequest:
@@ -84,6 +94,7 @@ class LoadRequest:
     on_bad_image: str
     num_workers: int | None
     max_image_pixels: int | None
+    load_unlabelled: bool = True  # decode a data folder's unlabelled images
 
     def folder_options(self) -> dict[str, Any]:
         """The options of :func:`load_image_folder`, but the folder, classes and cache."""
@@ -148,6 +159,34 @@ def is_dataset_name(spec: str) -> bool:
 # --------------------------------------------------------------------------- folder kinds
 
 
+def _unlabelled_dir(path: Path) -> Path | None:
+    for name in UNLABELLED_DIR_NAMES:
+        if (path / name).is_dir():
+            return path / name
+    return None
+
+
+def _load_with_unlabelled(req: LoadRequest) -> tuple[ImageSet, ImageSet]:
+    path = req.path
+    assert path is not None
+    unl_dir = _unlabelled_dir(path)
+    assert unl_dir is not None
+    if req.test_dir is None and not (path / "test").exists():
+        raise DataError(
+            f"data folder '{path}' has train/ and {unl_dir.name}/ but no test/; add test/<class name>/<image> "
+            f"images, or pass the test folder (--test <folder of class folders>)"
+        )
+    test_root = Path(req.test_dir).expanduser() if req.test_dir is not None else path / "test"
+    train, test = load_train_test_folders(path / "train", test_root, req.cache_dir, **req.folder_options())
+    if not req.load_unlabelled:
+        return train, test
+    size = req.image_size if req.image_size is not None else train.image_size
+    unlabelled = load_unlabelled_folder(
+        unl_dir, size, req.on_bad_image, req.cache_dir, num_workers=req.num_workers, max_image_pixels=req.max_image_pixels,
+    )
+    return ImageSet(train.images, train.labels, train.classes, unlabelled=unlabelled), test
+
+
 def _load_train_test(req: LoadRequest) -> tuple[ImageSet, ImageSet]:
     path = req.path
     assert path is not None
@@ -188,6 +227,10 @@ class FolderKind:
 
 # Folder kind -> (test, loader), tried in this order: the first that matches loads the folder.
 FOLDER_KINDS: dict[str, FolderKind] = {
+    # train/<class>/, unlabelled/ (images in any nesting), test/<class>/ (or --test)
+    "train-unlabelled-test": FolderKind(
+        lambda p, t: has_sub_folder(p / "train") and _unlabelled_dir(p) is not None, _load_with_unlabelled
+    ),
     # train/<class>/ and test/<class>/ (or --test)
     "train-test": FolderKind(
         lambda p, t: has_sub_folder(p / "train") and (has_sub_folder(p / "test") or t is not None), _load_train_test
@@ -226,8 +269,8 @@ def _folder_loader(key: str, test_dir: str | Path | None, im_ext: str) -> tuple[
     if kind is None:
         raise DataError(
             f"data folder '{path}' matches no known layout; it needs class sub-folders (<class>/<image>.{im_ext}), "
-            f"train/ and test/ class folders, CIFAR python files (data_batch_1.., or train + meta) or IDX files "
-            f"(train-images-idx3-ubyte[.gz] ...)"
+            f"train/ and test/ class folders (with unlabelled images in unlabelled/ if any), CIFAR python files "
+            f"(data_batch_1.., or train + meta) or IDX files (train-images-idx3-ubyte[.gz] ...)"
         )
     return path, FOLDER_KINDS[kind].load
 
@@ -256,6 +299,7 @@ def load_dataset(
     *,
     num_workers: int | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    load_unlabelled: bool = True,
 ) -> tuple[ImageSet, ImageSet]:
     """Return (train, test) for a named data set or a path.
 
@@ -271,6 +315,25 @@ def load_dataset(
     ``max_image_pixels`` pixels are refused before decoding (None: no cap). A data
     set whose training part has a single class is refused.
 
+    Unlabelled images: a folder holding ``train/<class>/``, ``unlabelled/`` (or
+    ``unlabeled/``: images of any readable format in any nesting, no classes) and
+    ``test/<class>/`` (or ``test_dir``) gives the labelled training set with the
+    unlabelled images in ``train.unlabelled`` (:class:`UnlabelledImages`, resized to
+    the training images' size, with their file paths); for every other source, and
+    with ``load_unlabelled=False`` (evaluating, embedding: no need to decode them),
+    ``train.unlabelled`` is None, so ``train, test = load_dataset(...)`` reads as
+    before. A trainer uses them this way:
+
+    - ``joined = train.with_unlabelled_appended()``: the unlabelled images come after
+      the labelled ones, with label ``UNKNOWN_LABEL`` (-1);
+    - ``split = semi_supervised_split(joined.labels, fraction, val_fraction, seed, ...)``
+      (:mod:`mbdml.data.split`): the validation images come from labelled images only,
+      and ``fraction`` None (what ``--labelled_fraction`` should default to when real
+      unlabelled images are present) keeps every labelled image; ``split.unlabelled``
+      are the appended images (and the labelled ones whose label a fraction below 1 hid);
+    - the semi-supervised methods train on ``joined.subset(split.unlabelled)`` with
+      pseudo-labels; the accuracy of the pseudo-labels is computed only over images
+      whose true label is known (label >= 0), and is absent when there is none.
     """
     check_on_bad_image(on_bad_image)
     check_image_size(image_size)
@@ -285,6 +348,7 @@ def load_dataset(
     request = LoadRequest(
         spec=key, path=path, test_dir=test_dir, image_size=image_size, cache_dir=cache_dir, im_ext=im_ext,
         on_bad_image=on_bad_image, num_workers=num_workers, max_image_pixels=max_image_pixels,
+        load_unlabelled=load_unlabelled,
     )
     train, test = loader(request)
     _check_two_classes(key, train)
