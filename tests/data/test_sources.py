@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import mbdml.data.cifar as cifar
+import mbdml.data.decode as decode
 import mbdml.data.sources as sources
 from mbdml.data import (
     FASHION_MNIST_CLASSES,
@@ -378,7 +380,7 @@ def test_worker_pool_gives_the_same_result(tmp_path: Path) -> None:
 
 
 def test_many_files_use_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "_POOL_CHUNK", 4)
+    monkeypatch.setattr(decode, "_POOL_CHUNK", 4)
     make_png_folder(tmp_path, {"a": 7, "b": 6}, h=3, w=3)
     (tmp_path / "b" / "zz.png").write_bytes(b"junk")
     one = load_image_folder(tmp_path, im_ext="png", num_workers=0, on_bad_image="skip")
@@ -389,7 +391,7 @@ def test_many_files_use_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 # --------------------------------------------------------------------------- the decoded cache
 
 
-def test_cache_round_trip_and_no_second_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_round_trip_and_no_second_decode(tmp_path: Path) -> None:
     root, cache = tmp_path / "data", tmp_path / "cache"
     make_png_folder(root, {"a": 2, "b": 3})
     first = load_image_folder(root, im_ext="png", cache_dir=cache)
@@ -397,10 +399,11 @@ def test_cache_round_trip_and_no_second_decode(tmp_path: Path, monkeypatch: pyte
     assert len(files) == 1 and len(files[0].stem) == 40
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
 
-    def no_decode(*args: object, **kwargs: object) -> None:
-        raise AssertionError("decoded although the cache is valid")
-
-    monkeypatch.setattr(sources, "_decode_files", no_decode)
+    # the files now hold junk of the same size and time: decoding them again would fail
+    for f in sorted(root.rglob("*.png")):
+        st = f.stat()
+        f.write_bytes(b"\0" * st.st_size)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     again = load_image_folder(root, im_ext="png", cache_dir=cache)
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
     assert again.classes == first.classes
@@ -697,6 +700,29 @@ def test_load_dataset_unknown_spec(tmp_path: Path) -> None:
         load_dataset("digits", test_dir=str(tmp_path))
 
 
+def test_each_folder_kind_is_recognised_in_order(tmp_path: Path) -> None:
+    from mbdml.data import detect_folder_kind
+
+    make_png_folder(tmp_path / "tt" / "train", {"a": 1, "b": 1})
+    make_png_folder(tmp_path / "tt" / "test", {"a": 1})
+    write_cifar10(tmp_path / "pickles", per_batch=1)
+    write_idx_folder(tmp_path / "idx")
+    (tmp_path / "none").mkdir()
+    assert detect_folder_kind(tmp_path / "tt") == "train-test"
+    assert detect_folder_kind(tmp_path / "tt" / "train") == "class-folders"
+    assert detect_folder_kind(tmp_path / "tt" / "train", test_dir=tmp_path / "tt" / "test") == "class-folders"
+    assert detect_folder_kind(tmp_path / "pickles") == "cifar-pickle"
+    assert detect_folder_kind(tmp_path / "idx") == "idx"
+    assert detect_folder_kind(tmp_path / "none") is None
+    # train/ without test/ is a train-test folder once --test is given
+    make_png_folder(tmp_path / "only" / "train", {"a": 1, "b": 1})
+    assert detect_folder_kind(tmp_path / "only") == "class-folders"
+    assert detect_folder_kind(tmp_path / "only", test_dir=tmp_path / "tt" / "test") == "train-test"
+    # names are looked up before paths, in any spelling
+    assert sources.DATASET_NAMES == tuple(sources.NAMED_DATASETS) == ("digits", "fashion-mnist", "cifar10")
+    assert sources.is_dataset_name(" Fashion_MNIST ") and not sources.is_dataset_name(str(tmp_path / "tt"))
+
+
 # --------------------------------------------------------------------------- the CIFAR-10 JPEG archive
 
 
@@ -796,7 +822,7 @@ def test_unpack_damaged_or_missing_archive(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(DataError, match="does not exist"):
         unpack_cifar10_archive(tmp_path / "none.tar.gz", tmp_path / "cache")
     monkeypatch.setenv("MBDML_DATA", str(tmp_path / "empty"))
-    monkeypatch.setattr(sources, "find_cifar10_archive", lambda: None)
+    monkeypatch.setattr(cifar, "find_cifar10_archive", lambda: None)
     with pytest.raises(DataError) as err:
         load_dataset("cifar10", cache_dir=tmp_path / "cache")
     assert "MBDML_DATA" in str(err.value) and "cifar10-jpeg.tar.gz" in str(err.value)

@@ -240,3 +240,70 @@ def test_cross_validation_keeps_a_training_image_of_every_class_and_checks_its_a
         cross_validation_split(labels, torch.arange(6), 1, 0, seed=0)
     with pytest.raises(ConfigError, match="outside 0..4"):
         cross_validation_split(labels, torch.arange(6), 5, 5, seed=0)
+
+
+# --------------------------------------------------------------------------- semi_supervised_split
+
+
+def with_unknown(labels: torch.Tensor, n_unknown: int) -> torch.Tensor:
+    """The labelled images, then n_unknown images of unknown label (-1), as a data folder's
+    unlabelled/ images are appended."""
+    return torch.cat([labels, torch.full((n_unknown,), -1, dtype=torch.int64)])
+
+
+def test_semi_supervised_split_keeps_unknown_images_out_of_train_and_validation() -> None:
+    from mbdml.data import semi_supervised_split
+
+    labelled = make_labels([40, 20, 9, 1])
+    labels = with_unknown(labelled, 33)
+    s = semi_supervised_split(labels, None, 0.25, seed=3)
+    train, val, unl = (set(t.tolist()) for t in (s.train, s.val, s.unlabelled))
+    appended = set(range(len(labelled), len(labels)))
+    # a partition of the whole set; no image of unknown label is trained on or validates
+    assert not (train & val) and not (train & unl) and not (val & unl)
+    assert train | val | unl == set(range(len(labels)))
+    assert not ((train | val) & appended) and (labels[s.train] >= 0).all() and (labels[s.val] >= 0).all()
+    # fraction None: every labelled image is labelled, so the unlabelled part is exactly the appended images
+    assert unl == appended
+    # validation: floor(0.25 * n_c) per class, never a class's last image
+    assert per_class(labels, s.val, 4) == [10, 5, 2, 0]
+    assert per_class(labels, s.train, 4) == [30, 15, 7, 1]
+    for t in (s.train, s.val, s.unlabelled):
+        assert t.dtype == torch.int64 and torch.equal(t, t.sort().values)
+
+
+def test_semi_supervised_split_with_a_fraction_hides_labelled_images_too() -> None:
+    from mbdml.data import semi_supervised_split
+
+    labelled = make_labels([30, 10])
+    labels = with_unknown(labelled, 7)
+    s = semi_supervised_split(labels, 0.5, 0.2, seed=0)
+    # labelled_split on the known labels alone: round(0.5 * n_c) per class, then the validation part of those
+    assert per_class(labels, torch.cat([s.train, s.val]), 2) == [15, 5]
+    assert per_class(labels, s.val, 2) == [3, 1]
+    unl = s.unlabelled.tolist()
+    assert set(range(40, 47)) <= set(unl) and len(unl) == 47 - 20
+    # the hidden labelled images keep their true label (for the pseudo-label accuracy), the appended ones have none
+    assert int((labels[s.unlabelled] >= 0).sum()) == 20 and int((labels[s.unlabelled] < 0).sum()) == 7
+
+
+def test_semi_supervised_split_without_unknown_labels_is_the_usual_split() -> None:
+    from mbdml.data import semi_supervised_split
+
+    labels = make_labels([50, 31, 12], seed=5)
+    for fraction, mode, run in ((0.1, "random", 0), (0.25, "folds", 2), (None, "random", 0)):
+        s = semi_supervised_split(labels, fraction, 0.2, seed=7, mode=mode, run=run)
+        chosen = labelled_split(labels, 1.0 if fraction is None else fraction, 7, mode, run)
+        train, val = validation_split(labels, chosen, 0.2, 7)
+        assert torch.equal(s.train, train) and torch.equal(s.val, val)
+        rest = sorted(set(range(len(labels))) - set(chosen.tolist()))
+        assert s.unlabelled.tolist() == rest
+
+
+def test_semi_supervised_split_needs_a_labelled_image() -> None:
+    from mbdml.data import semi_supervised_split
+
+    with pytest.raises(DataError, match="none of the 5 training images has a label"):
+        semi_supervised_split(torch.full((5,), -1, dtype=torch.int64), None, 0.1, seed=0)
+    with pytest.raises(ConfigError, match="labelled fraction"):
+        semi_supervised_split(with_unknown(make_labels([4, 4]), 2), 0.0, 0.1, seed=0)

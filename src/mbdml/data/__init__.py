@@ -1,9 +1,10 @@
 """Data: loading real images into memory, labelled-fraction splits, and batches.
 
-Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`), splits are
-seeded and stratified (:mod:`mbdml.data.split`), and batches are cut, augmented
-and normalised on whole tensors (:mod:`mbdml.data.batches`; the strong RandAugment
-view in :mod:`mbdml.data.randaugment`).
+Sources decode once into uint8 tensors (:mod:`mbdml.data.sources`: a data set by
+name or folder, looked up in a table of loaders, one module per format), splits
+are seeded and stratified (:mod:`mbdml.data.split`), and batches are cut,
+augmented and normalised on whole tensors (:mod:`mbdml.data.batches`; the strong
+RandAugment view in :mod:`mbdml.data.randaugment`).
 """
 
 from mbdml.data.batches import PADDING_MODES, Augmentation, Batch, BatchLoader, augment_batch, normalize_batch
@@ -13,7 +14,10 @@ from mbdml.data.sources import (
     DATASET_NAMES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
+    UNKNOWN_LABEL,
     ImageSet,
+    UnlabelledImages,
+    detect_folder_kind,
     find_cifar10_archive,
     load_cifar_pickle,
     load_dataset,
@@ -21,11 +25,19 @@ from mbdml.data.sources import (
     load_fashion_mnist,
     load_idx,
     load_image_folder,
+    load_unlabelled_folder,
     resize_images,
     unpack_cifar10_archive,
 )
 from mbdml.data.randaugment import RANDAUGMENT_OPS, RandAugment, randaugment_batch
-from mbdml.data.split import SPLIT_MODES, check_every_class_labelled, labelled_split, validation_split
+from mbdml.data.split import (
+    SPLIT_MODES,
+    SemiSupervisedSplit,
+    check_every_class_labelled,
+    labelled_split,
+    semi_supervised_split,
+    validation_split,
+)
 
 __all__ = [
     "Augmentation",
@@ -41,8 +53,12 @@ __all__ = [
     "RANDAUGMENT_OPS",
     "RandAugment",
     "SPLIT_MODES",
+    "SemiSupervisedSplit",
+    "UNKNOWN_LABEL",
+    "UnlabelledImages",
     "augment_batch",
     "check_every_class_labelled",
+    "detect_folder_kind",
     "find_cifar10_archive",
     "labelled_split",
     "validation_split",
@@ -52,8 +68,10 @@ __all__ = [
     "load_fashion_mnist",
     "load_idx",
     "load_image_folder",
+    "load_unlabelled_folder",
     "normalize_batch",
     "randaugment_batch",
     "resize_images",
+    "semi_supervised_split",
     "unpack_cifar10_archive",
 ]

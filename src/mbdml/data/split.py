@@ -7,11 +7,17 @@ takes fold r). Every function draws from its own ``numpy.random.default_rng``
 seeded per class by ``(seed, class)``, never from global RNG state, so a class's
 draw does not depend on which other classes are present. All indices returned
 are sorted int64 tensors.
+
+A training set may also hold images whose class nobody knows (label -1, the
+unlabelled images of a data folder appended after the labelled ones):
+:func:`semi_supervised_split` draws the labelled and validation parts from the
+known labels only and gives every other image to the unlabelled part.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +25,15 @@ import torch
 
 from mbdml.errors import ConfigError, DataError
 
-__all__ = ["labelled_split", "validation_split", "cross_validation_split", "check_every_class_labelled", "SPLIT_MODES"]
+__all__ = [
+    "labelled_split",
+    "validation_split",
+    "cross_validation_split",
+    "check_every_class_labelled",
+    "semi_supervised_split",
+    "SemiSupervisedSplit",
+    "SPLIT_MODES",
+]
 
 SPLIT_MODES = ("random", "folds")
 _EPS = 1e-9
@@ -185,3 +199,52 @@ def check_every_class_labelled(
         f"{len(missing)} of {num_classes} classes have no labelled image: {shown}; raise the labelled fraction, "
         f"or add training images of those classes"
     )
+
+
+@dataclass(frozen=True)
+class SemiSupervisedSplit:
+    """Indices into one training set, sorted, disjoint, covering it.
+
+    ``train``: labelled images that train (the kernel's centres); ``val``: labelled
+    images kept for validation; ``unlabelled``: the rest, the images whose label is
+    unknown (label < 0) and the labelled ones whose label the fraction hid (their
+    true label is known, so a pseudo-label's accuracy can be measured on them).
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    unlabelled: torch.Tensor
+
+
+def semi_supervised_split(
+    labels: torch.Tensor,
+    labelled_fraction: float | None,
+    val_fraction: float,
+    seed: int,
+    mode: str = "random",
+    run: int = 0,
+) -> SemiSupervisedSplit:
+    """Split a training set whose unknown labels are -1 (any negative label) into train, validation
+    and unlabelled parts.
+
+    Only images of known label can be labelled or validate: :func:`labelled_split`
+    (``labelled_fraction``, ``mode``, ``run``) picks the labelled ones among them,
+    ``labelled_fraction`` None keeping all of them (the default a trainer should use
+    when real unlabelled images are present), and :func:`validation_split` carves the
+    validation part out of those. Every other image is unlabelled. With no unknown
+    label this gives exactly ``labelled_split`` + ``validation_split`` and their
+    complement, so a fully labelled set splits as it always did.
+    """
+    y = _labels_np(labels)
+    known = np.flatnonzero(y >= 0)
+    if known.size == 0:
+        raise DataError(
+            f"none of the {len(y)} training images has a label; give labelled images (class folders) as well"
+        )
+    fraction = 1.0 if labelled_fraction is None else labelled_fraction
+    chosen = labelled_split(torch.from_numpy(y[known]), fraction, seed, mode, run).numpy()
+    labelled = torch.from_numpy(known[chosen])
+    train, val = validation_split(torch.from_numpy(y), labelled, val_fraction, seed)
+    rest = np.ones(len(y), dtype=bool)
+    rest[labelled.numpy()] = False
+    return SemiSupervisedSplit(train, val, _as_index_tensor(np.flatnonzero(rest)))
