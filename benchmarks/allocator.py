@@ -71,7 +71,8 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from mbdml.config import make_config
-    from mbdml.train import Trainer, prepare_data
+    from mbdml.train import build_trainer
+    from mbdml.training_data import prepare_data
 
     settings = dict(dataset=args.dataset, method=args.method, max_epochs=2, eval_every=1000, update_interval=1000,
                     retrieval_metrics=False, progress=False, labelled_fraction=args.labelled_fraction, seed=0)
@@ -84,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
         data = dataclasses.replace(data, val=data.val.subset(torch.arange(min(len(data.val), 100))),
                                    test=data.test.subset(torch.arange(min(len(data.test), 256))))
         before = resource.getrusage(resource.RUSAGE_SELF)
-        trainer = Trainer(cfg, data=data)
+        trainer = build_trainer(cfg, data=data)
         result = trainer.run()
         after = resource.getrusage(resource.RUSAGE_SELF)
         allocator = json.loads((trainer.run_dir / "environment.json").read_text())["allocator"]

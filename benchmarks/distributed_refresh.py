@@ -24,33 +24,30 @@ def worker(args: argparse.Namespace) -> None:
     from mbdml import distributed as D
     from mbdml.config import make_config
     from mbdml.neighbours import knn_search
-    from mbdml.train import Trainer, prepare_data
+    from mbdml.train import build_trainer
 
     cfg = make_config("default", dataset=args.dataset, method="mbdml2", labelled_fraction=1.0, val_fraction=0.0, width=args.width, progress=False).resolved()
-    trainer = Trainer(cfg, run_dir="/tmp/mbdml-refresh-bench")
-    trainer.dist = D.init_distributed("cpu")
-    ctx = trainer.dist
-    trainer.data = prepare_data(cfg)
-    trainer.cfg = cfg.with_data(trainer.data.train.channels, min(trainer.data.train.image_size))
-    trainer._build()
-    n = len(trainer.data.train)
-    D.barrier(ctx)
-    t0 = time.perf_counter()
-    total = trainer.refresh_centres()
-    D.barrier(ctx)
-    wall = time.perf_counter() - t0
-    # the search alone, on the centres just computed
-    centres = trainer.kernel.centres
-    part = ctx.shard(n)
-    D.barrier(ctx)
-    t1 = time.perf_counter()
-    local = knn_search(centres[part], centres, cfg.k, exclude=torch.arange(part.start, part.stop)).indices
-    D.all_gather_rows(local, ctx)
-    D.barrier(ctx)
-    search = time.perf_counter() - t1
-    if ctx.is_main:
-        print(json.dumps({"procs": ctx.world_size, "centres": n, "refresh_s": wall, "refresh_s_rank0": total, "search_s": search, "threads": torch.get_num_threads()}))
-    D.shutdown(ctx)
+    trainer = build_trainer(cfg, run_dir="/tmp/mbdml-refresh-bench")
+    with trainer.session():  # joins the torchrun job
+        trainer.prepare()  # the data, the network and a first refresh (not timed)
+        ctx = trainer.dist
+        n = len(trainer.data.train)
+        D.barrier(ctx)
+        t0 = time.perf_counter()
+        total = trainer.refresh_centres()
+        D.barrier(ctx)
+        wall = time.perf_counter() - t0
+        # the search alone, on the centres just computed
+        centres = trainer.kernel.centres
+        part = ctx.shard(n)
+        D.barrier(ctx)
+        t1 = time.perf_counter()
+        local = knn_search(centres[part], centres, cfg.k, exclude=torch.arange(part.start, part.stop)).indices
+        D.all_gather_rows(local, ctx)
+        D.barrier(ctx)
+        search = time.perf_counter() - t1
+        if ctx.is_main:
+            print(json.dumps({"procs": ctx.world_size, "centres": n, "refresh_s": wall, "refresh_s_rank0": total, "search_s": search, "threads": torch.get_num_threads()}))
 
 
 def main() -> None:

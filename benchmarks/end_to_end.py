@@ -15,7 +15,8 @@ import argparse
 import tempfile
 
 from mbdml.config import make_config
-from mbdml.train import Trainer, prepare_data
+from mbdml.train import build_trainer
+from mbdml.training_data import prepare_data
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             for method in args.methods.split(","):
                 cfg = make_config(method=method, save_dir=tmp, name=f"{method}-{mode}", **base, **modes[mode])
-                res = Trainer(cfg, data=data).run()
+                res = build_trainer(cfg, data=data).run()
                 seconds = res.history[-1]["train_s"]
                 rates[(method, mode)] = n / seconds
                 print(f"{method:>8} {mode:>13}: {n / seconds:6.0f} images/s", flush=True)

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from mbdml.config import make_config
-from mbdml.train import Trainer, prepare_data
+from mbdml.train import build_trainer
+from mbdml.training_data import prepare_data
 
 
 def epochs_per_method(spec: str, methods: list[str]) -> dict[str, int]:
@@ -73,7 +74,7 @@ def run_comparison(
             own = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in own.items()}
             cfg = make_config(method=method, name=f"{method}-seed{seed}", seed=seed, max_epochs=n, eval_every=every, **own)
             t0 = time.perf_counter()
-            res = Trainer(cfg, data=data, run_dir=Path(save_dir) / f"{method}-seed{seed}").run()
+            res = build_trainer(cfg, data=data, run_dir=Path(save_dir) / f"{method}-seed{seed}").run()
             s = res.summary
             rows.append({
                 "dataset": dataset,

@@ -25,10 +25,12 @@ import time
 
 import torch
 
-from mbdml.evaluate import compute_embeddings
+from mbdml.components import load_run
+from mbdml.embedder import Embedder
 from mbdml.methods import PSEUDO_LABELLERS
 from mbdml.precision import device_has_native_bf16
-from mbdml.train import labeller_probabilities, load_run, prepare_data, select_by_rank
+from mbdml.pseudo_labels import labeller_probabilities, select_by_rank
+from mbdml.training_data import prepare_data
 
 
 def kept_accuracy(probs: torch.Tensor, truth: torch.Tensor, share: float) -> float:
@@ -59,9 +61,9 @@ def main() -> None:
     pick = torch.randperm(len(unl), generator=torch.Generator().manual_seed(0))[: args.images]
     truth = unl.labels[pick]
     t0 = time.perf_counter()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.amp != "none" and device_has_native_bf16(torch.device("cpu"))):
-        emb = compute_embeddings(run.model, unl.images[pick], batch_size=256, mean=cfg.mean, std=cfg.std,
-                                 channels_last=cfg.channels_last, flip_average=cfg.tta_flip)
+    cpu = torch.device("cpu")
+    amp = "bf16" if cfg.amp != "none" and device_has_native_bf16(cpu) else "none"  # float32 where bfloat16 is emulated
+    emb = Embedder.for_run(run.model, cfg, cpu, amp=amp).embed(unl.images[pick])
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         nbrs = run.kernel.neighbours(emb)

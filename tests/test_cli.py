@@ -118,3 +118,37 @@ def test_train_evaluate_embed_on_a_folder(tmp_path, capsys):
     assert list(emb["classes"]) == ["cat", "dog"]
     # --resume of a finished run has nothing left to do, and says so in its table.
     assert main(["train", "--resume", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize(
+    "preset, network",
+    [
+        ("scratch", ["--width", "8", "--embedding_dim", "16"]),
+        # the pretrained Lite0 with its first stages fixed (their outputs kept), one pass per image
+        ("finetune", ["--model", "efficientnet_lite0", "--input_size", "16"]),
+    ],
+)
+def test_evaluate_prints_the_figures_of_the_runs_summary(tmp_path, capsys, preset, network):
+    """'mbdml evaluate' embeds the test images as the run did (with the presets' test-time
+    flips, channels-last and precision), so the last and the best checkpoint give the
+    figures of the run's summary.json; 'mbdml embed' gives the embeddings behind them."""
+    run_dir = tmp_path / "flip"
+    assert main(["-q", "train", "--preset", preset, "--dataset", "digits", "--method", "mbdml1", *network, "--k", "20",
+                 "--batch_size", "32", "--sigma", "1", "--max_epochs", "2", "--update_interval", "1", "--tta_flip", "true",
+                 "--save_dir", str(tmp_path), "--name", "flip", "--cache_dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for which, selection, keys in (("last", "final", ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")),
+                                   ("best", "best_val", ("nngk_acc", "knn_acc"))):
+        capsys.readouterr()
+        assert main(["evaluate", str(run_dir), "--which", which, "--device", "cpu"]) == 0
+        printed = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines())
+        assert int(printed["epoch"]) == summary[selection]["epoch"]
+        assert {k: printed[k] for k in keys} == {k: f"{100 * summary[selection][k]:.2f}" for k in keys}, which
+    capsys.readouterr()
+    assert main(["embed", str(run_dir), "--which", "last", "--out", str(tmp_path / "e.pt"), "--device", "cpu"]) == 0
+    from mbdml.components import load_run
+    from mbdml.evaluate import nngk_accuracy
+
+    out = __import__("torch").load(tmp_path / "e.pt")
+    run = load_run(run_dir, "last")
+    assert f"{100 * nngk_accuracy(run.kernel, out['test_embeddings'], out['test_labels']):.2f}" == f"{100 * summary['final']['nngk_acc']:.2f}"

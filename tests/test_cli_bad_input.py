@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mbdml.checkpoint import RunFolderLock, load_checkpoint, save_checkpoint
+from mbdml.checkpoint import load_checkpoint, save_checkpoint
 from mbdml.cli import build_parser, config_from_args, main
 from mbdml.config import make_config
+from mbdml.run_folder import RunFolderLock
 from mbdml.train import Trainer
 
 TINY = ["--width", "8", "--embedding_dim", "8", "--k", "10", "--batch_size", "32", "--retrieval_metrics", "False", "--no-progress"]

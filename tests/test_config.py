@@ -4,6 +4,7 @@ import pytest
 
 from mbdml.config import RunConfig, default_scale_mixup, make_config
 from mbdml.errors import ConfigError
+from mbdml.train import check_config
 
 
 def test_defaults_resolve_and_roundtrip(tmp_path):
@@ -22,15 +23,17 @@ def test_defaults_resolve_and_roundtrip(tmp_path):
         ("alpha", -0.5, "alpha"),
         ("learning_rate", -1e-3, "learning_rate"),
         ("learning_rate", float("nan"), "learning_rate"),
-        ("k", 0, "k must"),
+        ("k", 0, r"K \(the number of neighbours\) must be at least 1"),
+        ("k", 2.5, "k must be a whole number"),
         ("labelled_fraction", 0.0, "labelled_fraction"),
         ("labelled_fraction", 1.5, "labelled_fraction"),
         ("val_fraction", 1.0, "val_fraction"),
         ("batch_size", 0, "batch_size"),
         ("method", "arcface", "method"),
         ("device", "tpu", "device"),
-        ("cutout", -2, "--cutout"),
-        ("cutout", 1.5, "--cutout"),
+        ("cutout", -2, "cutout size -2 must be an integer >= 0"),
+        ("cutout", 1.5, "cutout must be a whole number"),
+        ("alpha", float("nan"), "alpha must be a finite number"),
         ("pseudo_fraction", 1.5, "pseudo_fraction"),
         ("pseudo_fraction", 0.0, "pseudo_fraction"),
     ],
@@ -148,12 +151,12 @@ def test_pseudo_ratio_must_be_a_whole_number_of_at_least_one(value):
 
 def test_pseudo_labeller_head_needs_a_method_with_a_head():
     with pytest.raises(ConfigError, match="method mbdml_semi has no head; use --pseudo_labeller kernel, or a method with one: mbdml1_semi"):
-        make_config(method="mbdml_semi", pseudo_labeller="head").validate()
+        check_config(make_config(method="mbdml_semi", pseudo_labeller="head"))
     with pytest.raises(ConfigError, match="--pseudo_labeller .softmax. is not known; choose one of: kernel, kernel_all, head, mean"):
         make_config(method="mbdml1_semi", pseudo_labeller="softmax").validate()
-    assert make_config(method="mbdml1_semi", pseudo_labeller="mean").resolved().pseudo_labeller == "mean"
-    assert make_config(method="mbdml1", pseudo_labeller="head").validate().method == "mbdml1"  # ignored without unlabelled images
-    assert make_config(method="mbdml_semi", pseudo_labeller="kernel_all").validate().pseudo_labeller == "kernel_all"
+    assert check_config(make_config(method="mbdml1_semi", pseudo_labeller="mean")).pseudo_labeller == "mean"
+    assert check_config(make_config(method="mbdml1", pseudo_labeller="head")).method == "mbdml1"  # ignored without unlabelled images
+    assert check_config(make_config(method="mbdml_semi", pseudo_labeller="kernel_all")).pseudo_labeller == "kernel_all"
 
 
 def test_a_config_saved_before_class_floor_existed_loads_with_the_floor_it_ran_with():
@@ -165,3 +168,13 @@ def test_a_config_saved_before_class_floor_existed_loads_with_the_floor_it_ran_w
     assert RunConfig.from_dict({**old, "class_floor": "authors"}).class_floor == "authors"
     with pytest.raises(ConfigError, match="class_floor"):
         RunConfig.from_dict({**old, "class_floor": "later"}).validate()
+
+
+def test_mean_and_std_may_be_given_as_lists_of_numbers():
+    """A Python caller's lists (as JSON settings give them) are accepted as the tuples they stand for."""
+    cfg = make_config(mean=[0.2, 0.4, 0.6], std=[0.5, 0.5, 0.5]).resolved()
+    assert cfg.to_dict()["mean"] == [0.2, 0.4, 0.6]
+    with pytest.raises(ConfigError, match="mean must be a list of numbers"):
+        make_config(mean=["a"]).resolved()
+    with pytest.raises(ConfigError, match="std must be a list of numbers"):
+        make_config(std=0.5).resolved()

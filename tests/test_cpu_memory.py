@@ -54,7 +54,7 @@ def test_a_preloaded_allocator_is_left_alone():
 def test_off_switch_is_recorded_and_changes_no_result(tmp_path):
     from mbdml.cli import main
     from mbdml.config import make_config
-    from mbdml.train import Trainer
+    from mbdml.engine import Trainer
 
     cfg = make_config(dataset="digits", method="nngk", model="resnet_small", width=8, embedding_dim=16, max_epochs=2, k=20, batch_size=32,
                       sigma=1.0, deterministic=True, progress=False, retrieval_metrics=False, save_dir=str(tmp_path), name="tuned")

@@ -159,7 +159,8 @@ def test_two_processes_share_the_teachers_labelling_and_keep_the_same_images(tmp
     labels equal one process's labelling of them all."""
     from mbdml.config import make_config
     from mbdml.self_training import label_with_teacher
-    from mbdml.train import prepare_data, train
+    from mbdml.train import train
+    from mbdml.training_data import prepare_data
 
     small = dict(dataset="digits", model="resnet_small", width=8, embedding_dim=16, k=20, batch_size=32, sigma=1.0,
                  progress=False, retrieval_metrics=False, deterministic=True, cache_dir=str(tmp_path / "cache"))

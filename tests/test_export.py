@@ -10,7 +10,7 @@ import torch
 from mbdml.cli import main
 from mbdml.evaluate import compute_embeddings
 from mbdml.export import read_export_info
-from mbdml.train import load_run
+from mbdml.components import load_run
 
 # Loads the exported file in a fresh interpreter where importing mbdml fails.
 LOAD_WITHOUT_MBDML = """

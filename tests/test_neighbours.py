@@ -254,11 +254,9 @@ def test_set_centres_uses_the_self_search():
 
 def test_generic_search_with_small_pending_slots():
     """Pending slots overflow and bursts exceed them in the generic blocked search too."""
-    from mbdml.neighbours import _search_torch
-
     c = class_sorted_clusters(seed=11, per_class=200)
     q = c[::7] + 0.01
-    res = _search_torch(q, c, 30, None, query_block=64, centre_block=100, first_block=40, pending=3)
+    res = knn_search(q, c, 30, query_block=64, centre_block=100, first_block=40, pending=3)
     d = torch.cdist(q.double(), c.double()).pow(2)
     dist, idx = d.topk(30, largest=False)
     assert torch.allclose(res.distances.double(), dist, atol=1e-3)
@@ -278,32 +276,28 @@ def test_faiss_ivf_never_returns_missing_neighbours():
     assert all(len(set(r.tolist())) == 100 for r in res.indices[:200])
 
 
-def test_generic_search_rare_candidates_grouped_filter(monkeypatch):
+def test_generic_search_rare_candidates_grouped_filter():
     """Late blocks of a large search, where few entries can still enter a row's top-K,
     are filtered through the minimum of d - threshold over 8 rows; results stay exact,
     with exclusions, duplicates of the queries among the centres, and a row count that
     is not a multiple of 8 in the last query block."""
-    from mbdml import neighbours
+    from mbdml.neighbours import CentreSearch
 
-    calls = []
-    original = neighbours._RunningTopK._candidates_grouped
-
-    def counting(self, z, shift):
-        calls.append(z.shape)
-        return original(self, z, shift)
-
-    monkeypatch.setattr(neighbours._RunningTopK, "_candidates_grouped", counting)
     g = torch.Generator().manual_seed(8)
     c = torch.randn(40000, 6, generator=g)
     qi = torch.arange(0, 40000, 77)[:300]  # 300 queries: blocks of 128, 128 and 44
-    res = knn_search(c[qi], c, 5, exclude=qi, query_block=128, centre_block=1024)
+    search = CentreSearch(c, "torch")
+    res = search.search(c[qi], 5, exclude=qi, query_block=128, centre_block=1024)
     d = torch.cdist(c[qi].double(), c.double()).pow(2)
     d[torch.arange(300), qi] = float("inf")
     dist, idx = d.topk(5, largest=False)
-    assert calls, "the grouped filter was not used"
+    assert search.grouped_tiles > 0, "the grouped filter was not used"
     assert torch.allclose(res.distances.double(), dist, atol=1e-4)
     assert overlap(res.indices, idx) > 0.999
     assert not (res.indices == qi.unsqueeze(1)).any()
+    few = CentreSearch(c[:2000], "torch")  # two blocks: no late block where candidates are rare
+    few.search(c[qi], 5, query_block=128, centre_block=1024)
+    assert few.grouped_tiles == 0
 
 
 def test_centre_search_builds_and_trains_one_ivf_index_for_every_block():

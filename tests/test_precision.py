@@ -56,7 +56,8 @@ def test_unknown_amp_is_refused_with_the_choices():
 
 @pytest.mark.parametrize("has_bf16,expected", [(True, "bf16"), (False, "none")])
 def test_a_run_saves_the_precision_it_used_not_auto(tmp_path, native, has_bf16, expected):
-    from mbdml.train import load_run, train
+    from mbdml.components import load_run
+    from mbdml.train import train
 
     native(has_bf16)
     cfg = make_config(dataset="digits", method="nngk", width=8, embedding_dim=16, k=20, max_epochs=1, batch_size=32, progress=False,

@@ -5,11 +5,15 @@ import json
 import pytest
 import torch
 
+from mbdml.components import load_run
 from mbdml.config import RunConfig, make_config
+from mbdml.engine import Trainer
 from mbdml.errors import ConfigError
 from mbdml.evaluate import compute_embeddings
-from mbdml.self_training import LABELS_FILE, TeacherLabels, select_pseudo_labels
-from mbdml.train import Trainer, load_run, prepare_data, resume, train
+from mbdml.pseudo_labels import select_pseudo_labels
+from mbdml.self_training import LABELS_FILE, TeacherLabels
+from mbdml.train import build_trainer, check_config, resume, train
+from mbdml.training_data import prepare_data
 
 
 def small(save_dir, **kw):
@@ -38,7 +42,7 @@ def stop_after_first_epoch(cfg):
             raise Stop
 
     with pytest.raises(Stop):
-        Trainer(cfg, on_epoch_end=stop_after_one).run()
+        build_trainer(cfg, on_epoch_end=stop_after_one).run()
 
 
 def epoch_figures(history):
@@ -106,7 +110,7 @@ def test_threshold_mode_keeps_only_images_at_least_that_sure():
     "opts, not_again",
     [
         # the saved teacher labels are read back, not computed again
-        (dict(method="mixup", teacher_fraction=0.6, max_epochs=3), "label_with_teacher"),
+        (dict(method="mixup", teacher_fraction=0.6, max_epochs=3), "label_unlabelled"),
         # a student started from its teacher keeps its own weights: no second copy over them
         (dict(method="mbdml1", student_init="teacher", max_epochs=2), "start_from_teacher"),
     ],
@@ -147,7 +151,7 @@ def test_bad_teacher_settings_are_named(tmp_path, teacher):
     with pytest.raises(ConfigError, match="no finished run there"):
         train(small(tmp_path, method="mixup", teacher=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="use one of the two"):
-        small(tmp_path, method="mbdml1_semi", teacher=str(teacher)).resolved()
+        check_config(small(tmp_path, method="mbdml1_semi", teacher=str(teacher)))
     with pytest.raises(ConfigError, match="teacher_fraction must be in"):
         small(tmp_path, method="mixup", teacher=str(teacher), teacher_fraction=1.5).resolved()
 
@@ -298,9 +302,9 @@ def test_one_run_interrupted_in_the_teacher_stage_resumes_there(tmp_path, one_ru
 
 def test_teacher_epochs_settings_are_checked(tmp_path, teacher):
     with pytest.raises(ConfigError, match="drop one of the two"):
-        small(tmp_path, method="mixup", teacher=str(teacher), teacher_epochs=3).resolved()
+        check_config(small(tmp_path, method="mixup", teacher=str(teacher), teacher_epochs=3))
     with pytest.raises(ConfigError, match="use a supervised method"):
-        small(tmp_path, method="mbdml_semi", teacher_epochs=3).resolved()
+        check_config(small(tmp_path, method="mbdml_semi", teacher_epochs=3))
     with pytest.raises(ConfigError, match="teacher_epochs must be a whole number >= 1"):
         small(tmp_path, method="mixup", teacher_epochs=0).resolved()
     from mbdml.cli import build_parser, config_from_args
@@ -337,7 +341,7 @@ def test_student_init_teacher_starts_from_the_teachers_network_and_head(tmp_path
 
 def test_student_init_teacher_needs_a_teacher_with_the_students_network(tmp_path, teacher):
     with pytest.raises(ConfigError, match="has no teacher: add --teacher FOLDER or --teacher_epochs N"):
-        small(tmp_path, method="mixup", student_init="teacher").resolved()
+        check_config(small(tmp_path, method="mixup", student_init="teacher"))
     with pytest.raises(ConfigError, match="--student_init 'nope' is not known"):
         small(tmp_path, method="mixup", student_init="nope").resolved()
     with pytest.raises(ConfigError, match=r"network of the teacher .* is not the student's .*--embedding_dim"):

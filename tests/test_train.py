@@ -2,6 +2,8 @@
 
 import copy
 import csv
+import dataclasses
+import datetime
 import json
 import logging
 import re
@@ -12,7 +14,12 @@ import torch
 
 from mbdml.config import make_config
 from mbdml.errors import ConfigError, DataError, TrainingError
-from mbdml.train import Trainer, load_run, prepare_data, resume, select_by_rank, train
+from mbdml.components import load_run
+from mbdml.engine import Trainer, recalibration_rows
+from mbdml.pseudo_labels import labeller_probabilities, select_by_rank
+from mbdml.semi_supervised import OnlineLabelling, RefreshLabelling, pseudo_share
+from mbdml.train import build_trainer, check_config, resume, train
+from mbdml.training_data import prepare_data, training_augmentation
 
 
 def small(tmp_path, **kw):
@@ -23,7 +30,7 @@ def small(tmp_path, **kw):
 
 
 def test_run_writes_its_folder_and_reloads(tmp_path):
-    res = train(small(tmp_path, method="mbdml3", retrieval_metrics=True, name="r"))
+    res = train(small(tmp_path, method="mbdml3", retrieval_metrics=True, class_floor="authors", name="r"))
     d = res.run_dir
     for f in ("config.json", "environment.json", "metrics.csv", "summary.json", "last.pt", "best.pt", "accuracy.png", "train.log"):
         assert (d / f).is_file(), f
@@ -36,8 +43,15 @@ def test_run_writes_its_folder_and_reloads(tmp_path):
     assert summary["final"]["val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
     assert summary["final"]["map_at_r"] is not None and summary["final"]["nmi"] is not None
     assert "test set" in summary["authors_best_on_test"]["note"]
+    finished = datetime.datetime.strptime(summary["finished"], "%Y-%m-%dT%H:%M:%S%z")
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - finished).total_seconds()) < 600
+    # Both checkpoints keep the images' shape; the run's floor is the one its kernel was built with.
+    for which in ("last", "best"):
+        assert torch.load(d / f"{which}.pt", weights_only=True)["image_shape"] == [1, 8, 8]
+        assert load_run(d, which).image_shape == (1, 8, 8)
     # The saved last checkpoint, reloaded, gives back the final test accuracy.
     run = load_run(d, "last")
+    assert run.kernel.class_floor == "authors"
     data = prepare_data(run.config)
     from mbdml.evaluate import compute_embeddings, nngk_accuracy
 
@@ -68,7 +82,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
 
     cfg = small(tmp_path, method="mbdml1", max_epochs=4, update_interval=2, eval_every=1, deterministic=True, name="cut")
     with pytest.raises(Stop):
-        Trainer(cfg, on_epoch_end=stop_after_two).run()
+        build_trainer(cfg, on_epoch_end=stop_after_two).run()
     resumed = resume(tmp_path / "cut")
     keys = ("loss", "train_acc", "val_acc", "test_acc")
     assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
@@ -139,7 +153,7 @@ def test_saved_configuration_reruns_the_run_exactly(tmp_path):
     env = json.loads((first.run_dir / "environment.json").read_text())
     assert env["torch"] == torch.__version__ and env["mbdml"]
     # the source commit that ran, so that a figure names its commit
-    from mbdml.train import source_commit
+    from mbdml.environment import source_commit
 
     assert env["commit"] == source_commit()
     if (Path(__file__).resolve().parents[1] / ".git").exists():
@@ -194,7 +208,7 @@ def _cut_after_two_and_resume(tmp_path, opts, keys):
             raise Stop
 
     with pytest.raises(Stop):
-        Trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
+        build_trainer(small(tmp_path, name="cut", **opts), on_epoch_end=stop_after_two).run()
     return _columns(resume(tmp_path / "cut").history, keys)
 
 
@@ -230,7 +244,6 @@ def test_training_augmentation_fills_cutout_with_the_mean():
     """The run's cutout square becomes 0 after normalising: it is filled with the
     normalisation mean in pixel units; other pixels keep their normalised value."""
     from mbdml.data import augment_batch, normalize_batch
-    from mbdml.train import training_augmentation
 
     cfg = make_config(cutout=3, mean=(0.2, 0.4, 0.6), std=(0.5, 0.5, 0.5), flip=False, crop_padding=0)
     x = torch.full((6, 3, 8, 8), 255, dtype=torch.uint8)
@@ -255,8 +268,6 @@ def test_rank_selection_keeps_the_most_confident_of_each_class():
 
 
 def test_pseudo_share_grows_linearly_to_the_fraction():
-    from mbdml.train import pseudo_share
-
     cfg = make_config(method="mbdml_semi", max_epochs=20, pseudo_start=4, update_interval=4, pseudo_fraction=0.8).resolved()
     assert [round(pseudo_share(cfg, e), 3) for e in (4, 8, 12, 16, 19)] == [0.2, 0.4, 0.6, 0.8, 0.8]
 
@@ -283,47 +294,50 @@ def test_semi_supervised_run_by_rank_keeps_a_growing_share(tmp_path, method):
     assert rows[3]["pseudo_n"] > rows[1]["pseudo_n"]
 
 
-def test_pseudo_ratio_draws_that_many_pseudo_labelled_images_per_labelled_one(tmp_path, monkeypatch):
+def recording(algorithm_cls, cfg, record):
+    """``algorithm_cls`` for the resolved ``cfg``, calling ``record(batch_size, pseudo_batch)`` at every draw."""
+
+    class Recording(algorithm_cls):
+        def draw(self, trainer, batch_size, epoch):
+            pb = super().draw(trainer, batch_size, epoch)
+            record(batch_size, pb)
+            return pb
+
+    return Recording(cfg)
+
+
+def test_pseudo_ratio_draws_that_many_pseudo_labelled_images_per_labelled_one(tmp_path):
     drawn = []
-    original = Trainer._pseudo_batch
-
-    def recording(self, batch_size, epoch):
-        pb = original(self, batch_size, epoch)
-        drawn.append((batch_size, None if pb is None else pb.images.shape[0]))
-        return pb
-
-    monkeypatch.setattr(Trainer, "_pseudo_batch", recording)
     opts = dict(method="mbdml1_semi", max_epochs=2, update_interval=1, eval_every=2, pseudo_start=1, pseudo_fraction=0.5,
                 pseudo_ratio=3, split_batch=True, name="ratio")
-    cfg = small(tmp_path, **opts)
-    rows = train(cfg).history
+    cfg = check_config(small(tmp_path, **opts))
+    algorithm = recording(RefreshLabelling, cfg, lambda asked, pb: drawn.append((asked, None if pb is None else pb.images.shape[0])))
+    rows = Trainer(cfg, algorithm=algorithm).run().history
     assert rows[1]["pseudo_n"] > 0 and rows[1]["pseudo_nngk"] > 0
     with_pseudo = [d for d in drawn if d[1] is not None]
     assert with_pseudo and all(asked == got for asked, got in with_pseudo)  # the draw returns what was asked
     assert max(asked for asked, _ in with_pseudo) == 3 * cfg.batch_size  # a full batch asks for 3 times its size
 
 
-def test_randaugment_changes_only_the_pseudo_labelled_images_and_is_saved(tmp_path, monkeypatch):
+def test_randaugment_changes_only_the_pseudo_labelled_images_and_is_saved(tmp_path):
     drawn = {}
-    original = Trainer._pseudo_batch
-
-    def recording(self, batch_size, epoch):
-        pb = original(self, batch_size, epoch)
-        if pb is not None:
-            drawn.setdefault(self.cfg.pseudo_augment, []).append(pb.images.clone())
-        return pb
-
-    monkeypatch.setattr(Trainer, "_pseudo_batch", recording)
     opts = dict(method="mbdml1_semi", max_epochs=2, update_interval=1, eval_every=1, pseudo_start=1, pseudo_fraction=0.5)
-    plain = train(small(tmp_path, name="standard", **opts)).history
-    res = train(small(tmp_path, name="strong", pseudo_augment="randaugment", randaugment_ops=3, **opts))
-    strong = res.history
+    histories = {}
+    for augment, extra in (("standard", {}), ("randaugment", {"randaugment_ops": 3})):
+        cfg = check_config(small(tmp_path, name=augment, pseudo_augment=augment, **extra, **opts))
+
+        def keep(asked, pb, augment=augment):
+            if pb is not None:
+                drawn.setdefault(augment, []).append(pb.images.clone())
+
+        histories[augment] = Trainer(cfg, algorithm=recording(RefreshLabelling, cfg, keep)).run()
+    plain, strong = histories["standard"].history, histories["randaugment"].history
     same = ("loss", "train_acc", "val_acc", "test_acc")
     assert [strong[0][k] for k in same] == [plain[0][k] for k in same]  # the labelled-only warm-up epoch
     assert strong[1]["pseudo_n"] == plain[1]["pseudo_n"] > 0 and strong[1]["loss"] != plain[1]["loss"]
     first_plain, first_strong = drawn["standard"][0], drawn["randaugment"][0]
     assert first_plain.shape == first_strong.shape and not torch.equal(first_plain, first_strong)
-    saved = load_run(res.run_dir, "last").config
+    saved = load_run(histories["randaugment"].run_dir, "last").config
     assert (saved.pseudo_augment, saved.randaugment_ops, saved.randaugment_magnitude) == ("randaugment", 3, 1.0)
 
 
@@ -345,49 +359,49 @@ def test_online_labelling_keeps_the_drawn_images_the_labeller_is_sure_of(tmp_pat
     """Exactly the drawn images whose confidence (the labeller on their un-augmented,
     eval-mode embedding) reaches the threshold are kept, with that labeller's class and
     neighbour lists; the batch is filled up with copies of them."""
-    from mbdml.train import labeller_probabilities
-
     cfg = small(tmp_path, method="mbdml1_semi", max_epochs=1, pseudo_online=True, tta_flip=False, pseudo_labeller="mean", name="sure")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.run()
     k, unl = trainer.kernel, trainer.data.unlabelled
     state = trainer.data_gen.get_state()
-    drawn = torch.randint(0, len(unl), (64,), generator=trainer.data_gen)  # the draw _label_online makes next
+    drawn = torch.randint(0, len(unl), (64,), generator=trainer.data_gen)  # the draw label_drawn makes next
     with torch.no_grad():
-        emb = trainer._embed(unl.images[drawn])  # eval mode, un-augmented: the weak view
+        emb = trainer.embedder.embed(unl.images[drawn])  # eval mode, un-augmented: the weak view
         conf, want = labeller_probabilities("mean", k, emb, k.neighbours(emb), trainer.method.head).max(1)
-    trainer.cfg.pseudo_threshold = float(conf.median())  # about half of them are sure
-    sure = conf >= trainer.cfg.pseudo_threshold
+    threshold = float(conf.median())  # about half of them are sure
+    sure = conf >= threshold
     assert 0 < int(sure.sum()) < 64
     trainer.data_gen.set_state(state)
-    trainer._online_stats = {"drawn": 0, "kept": 0, "right": 0}
+    online = OnlineLabelling(dataclasses.replace(trainer.cfg, pseudo_threshold=threshold))
     trainer.model.train()
-    rows, labels, nbrs = trainer._label_online(64)
+    kept = online.label_drawn(trainer, 64)
     assert trainer.model.training  # left in training mode for the step that follows
+    rows, labels, nbrs = kept.rows, kept.labels, kept.neighbours
     assert rows.shape == labels.shape == (64,) and nbrs.shape == (64, cfg.k)
     assert torch.equal(rows[: int(sure.sum())], drawn[sure])  # the sure ones, then copies of them
     assert set(rows.tolist()) == set(drawn[sure].tolist())
     by_row = {int(r): (int(y), n) for r, y, n in zip(drawn, want, k.neighbours(emb))}
     assert all(int(y) == by_row[int(r)][0] and torch.equal(n, by_row[int(r)][1]) for r, y, n in zip(rows, labels, nbrs))
-    assert trainer._online_stats["drawn"] == 64 and trainer._online_stats["kept"] == int(sure.sum())
-    trainer.cfg.pseudo_threshold = 1.0  # the mean with the head's softmax never reaches 1: nothing is sure
-    assert trainer._label_online(64) is None
+    right = int((unl.labels[drawn[sure]] == want[sure]).sum())  # the hidden labels: a logged diagnostic only
+    assert online.epoch_counts() == {"drawn": 64, "kept": int(sure.sum()), "right": right}
+    never_sure = OnlineLabelling(dataclasses.replace(trainer.cfg, pseudo_threshold=1.0))
+    assert never_sure.label_drawn(trainer, 64) is None  # the mean with the head's softmax never reaches 1: nothing is sure
 
 
 def test_online_pseudo_labels_need_a_semi_supervised_method_and_no_fraction(tmp_path):
     from mbdml.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--pseudo_online.*mbdml1_semi"):
-        small(tmp_path, method="mbdml1", pseudo_online=True).validate()
+        check_config(small(tmp_path, method="mbdml1", pseudo_online=True))
     with pytest.raises(ConfigError, match="drop one of the two"):
-        small(tmp_path, method="mbdml1_semi", pseudo_online=True, pseudo_fraction=0.5).validate()
+        check_config(small(tmp_path, method="mbdml1_semi", pseudo_online=True, pseudo_fraction=0.5))
 
 
 def test_randaugment_for_a_method_without_unlabelled_images_says_which_have_them(tmp_path):
     from mbdml.errors import ConfigError
 
     with pytest.raises(ConfigError, match="mbdml1_semi"):
-        small(tmp_path, method="mixup", pseudo_augment="randaugment").validate()
+        check_config(small(tmp_path, method="mixup", pseudo_augment="randaugment"))
     with pytest.raises(ConfigError, match="--randaugment_magnitude"):
         small(tmp_path, method="mbdml1_semi", pseudo_augment="randaugment", randaugment_magnitude=2.0).validate()
 
@@ -421,7 +435,7 @@ def test_kept_frozen_features_give_the_same_run(tmp_path):
     opts = dict(method="mbdml_semi", model="efficientnet_lite0", pretrained="imagenet", input_size=16, freeze_stages=3,
                 max_epochs=3, update_interval=1, eval_every=1, pseudo_start=1, pseudo_fraction=0.5, tta_flip=True,
                 learning_rate=0.05, deterministic=True, amp="bf16")
-    cached = Trainer(small(tmp_path, name="kept", **opts))
+    cached = build_trainer(small(tmp_path, name="kept", **opts))
     rows = cached.run().history
     plain = train(small(tmp_path, name="plain", frozen_cache_gb=0, **opts)).history
     assert cached.frozen_cache.used_bytes > 0
@@ -433,11 +447,11 @@ def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_p
     from spec_reference import spec_loop_probs
 
     cfg = small(tmp_path, method="mbdml1_semi", max_epochs=2, eval_every=2, pseudo_start=1, pseudo_fraction=0.5, name="labeller")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     trainer.run()
     unl, k = trainer.data.unlabelled, trainer.kernel
     with torch.no_grad():
-        emb = trainer._embed(unl.images)
+        emb = trainer.embedder.embed(unl.images)
         kernel = k.log_probs(emb, k.neighbours(emb)).exp()
         head = torch.softmax(trainer.method.head(emb), dim=1)
         every = torch.arange(k.num_centres).expand(200, -1)  # the plain loop on the first 200 images
@@ -445,23 +459,21 @@ def test_pseudo_labeller_picks_what_labels_and_ranks_the_unlabelled_images(tmp_p
     expected = {"kernel": kernel, "kernel_all": kernel_all, "head": head, "mean": (kernel + head) / 2}
     kept = {}
     for labeller, want in expected.items():
-        trainer.cfg.pseudo_labeller = labeller
-        probs = trainer._pseudo_probabilities(emb, k.neighbours(emb))
+        algorithm = RefreshLabelling(dataclasses.replace(trainer.cfg, pseudo_labeller=labeller))
+        probs = algorithm.pseudo_labeller(trainer).probabilities(emb, k.neighbours(emb))
         torch.testing.assert_close(probs[: len(want)], want, atol=1e-5, rtol=1e-4, msg=labeller)
-        trainer.pseudo_label(epoch=1)  # share 0.5 of the unlabelled images
+        algorithm.label(trainer, epoch=1)  # share 0.5 of the unlabelled images
         conf, lab = probs.max(1)
         keep = select_by_rank(conf, lab, 10, share=0.5)
-        idx, labels, _ = trainer.pseudo
-        assert torch.equal(idx, keep.nonzero().flatten()), labeller
-        assert torch.equal(labels, lab[keep]), labeller
-        kept[labeller] = set(idx.tolist())
+        assert torch.equal(algorithm.kept.rows, keep.nonzero().flatten()), labeller
+        assert torch.equal(algorithm.kept.labels, lab[keep]), labeller
+        kept[labeller] = set(algorithm.kept.rows.tolist())
     assert kept["kernel"] != kept["head"] and kept["kernel"] != kept["kernel_all"]  # they rank the images differently
 
 
 def test_labeller_probabilities_without_a_head_says_so():
     from mbdml.errors import ConfigError
     from mbdml.kernel import NNGKClassifier
-    from mbdml.train import labeller_probabilities
 
     kernel = NNGKClassifier(num_classes=2, sigma=1.0, k=2)
     kernel.set_centres(torch.eye(4), torch.tensor([0, 0, 1, 1]))
@@ -477,20 +489,17 @@ def test_labeller_probabilities_without_a_head_says_so():
 def test_batchnorm_is_recalibrated_on_the_chosen_subset_of_training_images(tmp_path):
     from mbdml.data.batches import normalized_batches
     from mbdml.models import recalibrate_batchnorm
-    from mbdml.train import recalibration_rows
 
     cfg = small(tmp_path, method="mbdml1", recalibrate_bn_images=40, name="sub").resolved()
-    trainer = Trainer(cfg)
-    trainer.data = prepare_data(trainer.cfg)
-    trainer.cfg = trainer.cfg.with_data(trainer.data.train.channels, min(trainer.data.train.image_size))
-    trainer._build()
+    trainer = build_trainer(cfg)
+    trainer.prepare()  # the network built, the first refresh done
     images = trainer.data.train.images
     rows = recalibration_rows(len(images), 40, cfg.seed)
     # a fixed subset: 40 distinct rows, the same at every call, another for another seed
     assert rows.numel() == 40 and rows.unique().numel() == 40 and torch.equal(rows, recalibration_rows(len(images), 40, cfg.seed))
     assert not torch.equal(rows, recalibration_rows(len(images), 40, cfg.seed + 1))
     assert recalibration_rows(len(images), len(images), 0) is None and recalibration_rows(len(images), None, 0) is None
-    trainer._recalibrate_bn()
+    trainer.recalibrate_batchnorm()
     got = {k: v.clone() for k, v in trainer.model.state_dict().items() if "running" in k}
     reference = copy.deepcopy(trainer.model)
     batches = normalized_batches(images[rows], max(256, cfg.batch_size), mean=cfg.mean, std=cfg.std, channels_last=cfg.channels_last)

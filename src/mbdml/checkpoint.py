@@ -1,4 +1,4 @@
-"""A run folder on disk: atomic writes, safe loads, checked contents, one writer at a time.
+"""Files that survive a crash: atomic writes, safe loads, checked contents.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then
 renamed over the old one, so a crash at any instant leaves either the previous or the
@@ -8,32 +8,22 @@ tensors, numbers, strings, lists and dicts only, so a crafted pickle cannot run 
 what a checkpoint holds is then checked (:func:`check_model_state`,
 :func:`check_resume_state`) before anything uses it.
 
-A run folder is written by one process at a time: :class:`RunFolderLock` holds an OS
-lock (``flock``) on a file in it for as long as the run trains, and refuses a second
-writer with the first one's PID. New run folders are made with ``os.mkdir``, which
-fails when the name is taken, so two processes never get the same one
-(:func:`claim_new_run_dir`).
+Which process writes a run folder, and which folder a new run gets, is
+:mod:`mbdml.run_folder`'s business.
 """
 
 from __future__ import annotations
 
-import errno
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import CheckpointError
 
-log = logging.getLogger("mbdml")
-
-LOCK_FILE = ".mbdml.lock"
-# What a folder holds after a start that failed before the run began: it may be used again.
-_NO_RUN_FILES = frozenset({LOCK_FILE, "train.log"})
 _RESUME_FIX = "Free disk space or fix the folder's permissions, then resume with --resume"
 # torch.save reports a failed write as a RuntimeError ("file write failed", "unexpected pos ..."
 # when the file stops growing, or the system's "No space left on device").
@@ -115,9 +105,6 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any], fix: str | None 
         ) from None
 
 
-_atomic_write = atomic_write  # the name earlier callers import
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically."""
     atomic_write(Path(path), lambda f: torch.save(state, f))
@@ -147,6 +134,11 @@ def save_json(data: Any, path: str | Path, fix: str | None = None) -> None:
     atomic_write(Path(path), lambda f: f.write(text.encode()), fix=fix)
 
 
+def save_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically (metrics tables)."""
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 # ------------------------------------------------------------------ what a checkpoint holds
 def _tensor_dict(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
@@ -164,7 +156,13 @@ def _describe(v: Any) -> str:
     return f"a {type(v).__name__}" if not isinstance(v, (list, dict)) else f"a {type(v).__name__} of {len(v)}"
 
 
-def _check_entries(state: dict[str, Any], path: Path, rules: list[tuple[str, bool, Callable[[Any], bool], str]], fix: str) -> None:
+# A rule for one entry of a checkpoint: (key, required, is the value right, what it should be).
+EntryRule = tuple[str, bool, Callable[[Any], bool], str]
+
+
+def check_entries(state: dict[str, Any], path: Path, rules: list[EntryRule], fix: str) -> None:
+    """Refuse ``state`` (read from ``path``) unless each rule ``(key, required, ok, what it
+    should be)`` holds; the message names the entry, what it is and ``fix``."""
     for key, required, ok, want in rules:
         if key not in state:
             if required:
@@ -183,7 +181,7 @@ def check_model_state(state: dict[str, Any], path: str | Path, fix: str = "use t
     when present, an epoch number and class names. Raises :class:`CheckpointError` naming
     what is missing or of the wrong type."""
     path = Path(path)
-    _check_entries(state, path, [
+    check_entries(state, path, [
         ("model", True, _tensor_dict, "a dictionary of tensors: the network's weights"),
         ("method", True, _tensor_dict, "a dictionary of tensors: the kernel classifier's and the method's weights"),
         ("epoch", False, _whole, "a whole number of epochs"),
@@ -199,13 +197,14 @@ def check_model_state(state: dict[str, Any], path: str | Path, fix: str = "use t
         )
 
 
-def check_resume_state(state: dict[str, Any], path: str | Path) -> None:
+def check_resume_state(state: dict[str, Any], path: str | Path, more: Sequence[EntryRule] = ()) -> None:
     """Refuse a ``last.pt`` that cannot continue a run: besides the model (see
     :func:`check_model_state`), the optimiser's state, the random generators, the
-    history, the best epochs so far and the pseudo-labels, each of its type."""
+    history and the best epochs so far, each of its type; and the ``more`` rules (a
+    training algorithm's own entries)."""
     fix = "start the run again without --resume"
     check_model_state(state, path, fix)
-    _check_entries(state, Path(path), [
+    check_entries(state, Path(path), [
         ("epoch", True, _whole, "a whole number of epochs"),
         ("optimizer", True, lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
          "an optimiser state: a dictionary with 'state' and 'param_groups'"),
@@ -218,179 +217,6 @@ def check_resume_state(state: dict[str, Any], path: str | Path) -> None:
         ("mix_gen_ranks", False, _tensors, "a list of random generator states"),
         ("torch_rng_ranks", False, _tensors, "a list of random generator states"),
         ("centres_fresh", False, lambda v: isinstance(v, bool), "true or false"),
-        ("pseudo", False, lambda v: v is None or (_tensors(v) and len(v) == 3), "none or three tensors: the pseudo-labels"),
         ("seconds", False, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number of seconds"),
+        *more,
     ], fix)
-
-
-# ------------------------------------------------------------------ one writer per run folder
-class RunFolderLock:
-    """An exclusive OS lock on a run folder (``flock`` on its ``.mbdml.lock``, which holds
-    the PID of the process that has it), held while a run writes there.
-
-    The OS drops the lock when the process ends, however it ends, so a killed run
-    never leaves its folder locked. Where ``fcntl`` is missing (Windows) or the file
-    system has no locks, nothing is locked.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-
-    def try_acquire(self) -> bool:
-        """Take the lock; False when another process holds it."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not POSIX
-            return True
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CheckpointError(f"cannot write to the run folder {self.folder} ({write_failure_reason(exc, self.folder)}); check its permissions") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            log.warning("cannot lock %s (%s); nothing stops a second process from writing there", self.folder, exc.strerror)
-            return True
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def holder(self) -> str:
-        """The PID written by the process that holds the lock, or '?'."""
-        try:
-            text = self.path.read_text().strip()
-        except OSError:
-            return "?"
-        return text if text.isdigit() else "?"
-
-    def acquire(self) -> "RunFolderLock":
-        """Take the lock, or raise :class:`CheckpointError` naming the process that has it."""
-        if not self.try_acquire():
-            pid = self.holder()
-            raise CheckpointError(
-                f"{self.folder} is in use by another mbdml process (PID {pid}), which is writing that run; wait for it "
-                f"to finish, or stop it (kill {pid}), then try again"
-            )
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-            except OSError:
-                pass
-            os.close(self._fd)  # closing the file drops the lock
-            self._fd = None
-
-    def __enter__(self) -> "RunFolderLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def remove_leftover_temp_files(folder: str | Path) -> int:
-    """Remove the temporary files (``.<name>.*.tmp``) that writes interrupted by a kill left
-    in a run folder and its sub-folders; call it with the folder's lock held. Returns how many."""
-    removed = 0
-    for tmp in Path(folder).rglob(".*.tmp"):
-        try:
-            if tmp.is_file():
-                tmp.unlink()
-                removed += 1
-        except OSError:
-            pass
-    if removed:
-        log.info("removed %d unfinished temporary file(s) that an interrupted write left in %s", removed, folder)
-    return removed
-
-
-def _cannot_create(folder: Path, exc: OSError, fix: str) -> CheckpointError:
-    return CheckpointError(f"cannot create the run folder {folder} ({write_failure_reason(exc, folder)}); {fix}")
-
-
-def claim_run_dir(folder: str | Path, fix: str = "choose another --save_dir") -> RunFolderLock:
-    """Create ``folder`` if needed and lock it for this process (see :class:`RunFolderLock`);
-    leftover temporary files of an earlier, killed writer are removed."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_create(folder, exc, fix) from None
-    lock = RunFolderLock(folder).acquire()
-    remove_leftover_temp_files(folder)
-    return lock
-
-
-def holds_no_run(folder: str | Path) -> bool:
-    """Whether ``folder`` is empty, or holds only what a start that failed before training left
-    (its ``train.log`` and lock file): a new run may use it."""
-    try:
-        return all(e.name in _NO_RUN_FILES or e.name.endswith(".tmp") for e in os.scandir(folder))
-    except OSError:
-        return False
-
-
-def next_run_dir(save_dir: str | Path, name: str) -> Path:
-    """``save_dir/name``, or ``name-2``, ``name-3``... when that folder already holds a run
-    (what :func:`claim_new_run_dir` would take, unless another process is quicker)."""
-    base = Path(save_dir) / name
-    path, i = base, 1
-    while path.exists() and not (path.is_dir() and holds_no_run(path) and not _in_use(path)):
-        i += 1
-        path = base.with_name(f"{name}-{i}")
-    return path
-
-
-def _in_use(folder: Path) -> bool:
-    """Whether a process holds the folder's lock (a run that is starting)."""
-    if not (folder / LOCK_FILE).is_file():
-        return False
-    lock = RunFolderLock(folder)
-    try:
-        if lock.try_acquire():
-            lock.release()
-            return False
-    except CheckpointError:
-        return False
-    return True
-
-
-def claim_new_run_dir(save_dir: str | Path, name: str, fix: str = "choose another --save_dir") -> tuple[Path, RunFolderLock]:
-    """Create and lock a new run folder ``save_dir/name`` (``name-2``, ``name-3``... when taken).
-
-    ``os.mkdir`` either creates the folder or fails because it exists, so two processes
-    starting at once never share one. A folder that holds no run (a start that failed
-    before training) and that no process holds is used again.
-    """
-    save = Path(save_dir)
-    try:
-        save.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_create(save / name, exc, fix) from None
-    i = 1
-    while True:
-        path = save / (name if i == 1 else f"{name}-{i}")
-        i += 1
-        try:
-            os.mkdir(path)
-            created = True
-        except FileExistsError:
-            created = False
-        except OSError as exc:
-            raise _cannot_create(path, exc, fix) from None
-        if not path.is_dir() or not (created or holds_no_run(path)):
-            continue
-        lock = RunFolderLock(path)
-        if not lock.try_acquire():
-            continue
-        if created or holds_no_run(path):
-            remove_leftover_temp_files(path)
-            return path, lock
-        lock.release()

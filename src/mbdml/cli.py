@@ -15,236 +15,61 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import RunConfig, make_config, option_specs, reader_for
 from .errors import ConfigError, MbdmlError
 from .methods.groups import METHOD_GROUPS
 
 log = logging.getLogger("mbdml")
 
 
-def str2bool(text: str) -> bool:
-    """'True'/'False' (and yes/no, 1/0, on/off), case-insensitive: the authors' --tsne_graph."""
-    value = str(text).strip().lower()
-    if value in ("true", "t", "yes", "y", "1", "on"):
-        return True
-    if value in ("false", "f", "no", "n", "0", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+def add_run_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """The options of a run, one flag each, generated from :class:`mbdml.config.RunConfig`
+    (grouped as declared there); ``single_run``: ``mbdml train`` (else ``compare``,
+    which sets the method, data set, run and folders per run). Only the flags given
+    override the preset (their default is left unset)."""
+    S = argparse.SUPPRESS
+    groups: dict[str, Any] = {}
+    for name, (spec, _default, annotation) in option_specs().items():
+        if not spec.on_command_line or (spec.single_run and not single_run):
+            continue
+        if spec.group not in groups:
+            groups[spec.group] = p.add_argument_group(spec.group)
+        g = groups[spec.group]
+        _add_other_flags(g, _FLAGS_BEFORE.get(name, ()), single_run)
+        flags = spec.flags or (f"--{name}",)
+        if spec.store_false:
+            g.add_argument(*flags, dest=name, action="store_false", default=S, help=spec.help)
+        else:
+            g.add_argument(*flags, dest=name, type=spec.parse or reader_for(annotation), choices=spec.choices, default=S, help=spec.help)
+        _add_other_flags(g, _FLAGS_AFTER.get(name, ()), single_run)
 
 
-def optional_int(text: str) -> int | None:
-    """An integer, or 'none' for no value (e.g. --embedding_dim none: raw features).
-
-    0 is the number 0 (--pseudo_start 0: from the first epoch), never 'none'; each
-    setting then accepts it with its meaning or refuses it."""
-    if str(text).strip().lower() in ("none", "null", "raw"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'none', got {text!r}") from None
+def _add_other_flags(group: Any, flags: Any, single_run: bool) -> None:
+    for extra in flags:
+        if single_run or not extra.get("single_run"):
+            group.add_argument(*extra["flags"], **{k: v for k, v in extra.items() if k not in ("flags", "single_run")}, default=argparse.SUPPRESS)
 
 
-def optional_float(text: str) -> float | None:
-    """A number, or 'none'."""
-    if str(text).strip().lower() in ("none", "null"):
-        return None
-    return finite_float(text)
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5,0.5, got {text!r}") from None
-
-
-def _add_train_options(p: argparse.ArgumentParser, single_run: bool = True) -> None:
-    from .config import AMP_CHOICES, DEVICES, OPTIMIZERS, PRESETS, PSEUDO_AUGMENTS, SCHEDULES, STUDENT_INITS
-    from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS
-    from .models import MODEL_NAMES
-    from .kernel import CLASS_FLOORS
-    from .neighbours import SEARCH_BACKENDS
-
-    S = argparse.SUPPRESS  # only flags actually given override the preset
-    g = p.add_argument_group("what to train")
-    if single_run:
-        g.add_argument("--method", choices=list(METHODS), default=S, help="training method (default mbdml2)")
-    g.add_argument("--preset", choices=PRESETS, default=S, help="'default' (ours, CPU-friendly), 'scratch' (the longer from-scratch recipe of docs/accuracy.md), 'finetune' (that recipe for the ImageNet-pretrained EfficientNet-Lite0 at 128 px, its first 3 stages fixed, one pass per image) or 'paper' (the authors' set-up)")
-    g.add_argument("--config", metavar="FILE", default=S, help="a config.json of an earlier run to start from (flags override it)")
-    if single_run:
-        g.add_argument("--resume", metavar="RUN_DIR", default=S, help="continue an interrupted run from its last checkpoint")
-
-    g = p.add_argument_group("data")
-    if single_run:
-        g.add_argument("--dataset", default=S, help="digits (built in), fashion-mnist, cifar10 (the JPEG archive), or a folder (default digits)")
-        g.add_argument("--data_dir", default=S, help="the authors' flag: a folder with one sub-folder of images per class (labelled training images)")
-        g.add_argument("--test", dest="test_dir", default=S, help="the authors' flag: the test folder (one sub-folder per class)")
-    g.add_argument("--im_ext", default=S, help="image file extension in class folders, or several with commas: jpg,jpeg,png (default jpg)")
-    g.add_argument("--max_image_pixels", type=optional_int, default=S,
-                   help="refuse image files of more pixels than this before decoding them (a decompression bomb: a small file "
-                        "that decodes to gigabytes); none: no cap (default 100000000, 100 megapixels)")
-    g.add_argument("--num_classes", type=int, default=S, help="number of classes; checked against the data")
-    g.add_argument("--input_size", type=int, default=S, help="resize images to this square size once, when loading")
-    g.add_argument("--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default=S, help="what to do with an unreadable image (default error)")
-    g.add_argument("--cache_dir", default=S, help="where decoded data sets are cached (default .cache/mbdml)")
-    g.add_argument("--labelled_fraction", type=finite_float, default=S, help="fraction of training images that keep their label (default 0.1; 1.0 with --data_dir)")
-    g.add_argument("--split", choices=("random", "folds"), default=S, help="labelled subset: a seeded random draw, or disjoint folds")
-    if single_run:
-        g.add_argument("--run", type=int, default=S, help="run index (the fold used with --split folds)")
-    g.add_argument("--val_fraction", type=finite_float, default=S, help="fraction of the labelled images held out for model selection (default 0.1)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=MODEL_NAMES, default=S, help="backbone (default resnet_small)")
-    g.add_argument("--width", type=int, default=S, help="base channels of resnet_small (default 32)")
-    g.add_argument("--embedding_dim", type=optional_int, default=S, help="embedding size, or 'none' for the backbone's raw features")
-    g.add_argument("--normalize_embeddings", type=str2bool, default=S, help="L2-normalise the embeddings (True/False)")
-    g.add_argument("--pretrained", default=S, help="a local torchvision ResNet checkpoint file (resnet18/50), or 'true' for EfficientNet-Lite0")
-    g.add_argument("--freeze_stages", type=int, default=S, help="keep the stem and this many early stages of a pretrained trunk fixed: no gradients, BatchNorm in eval mode; a cheaper step (default 0)")
-    g.add_argument("--frozen_cache_gb", type=finite_float, default=S, help="with --freeze_stages: GiB for keeping the frozen stages' outputs of un-augmented images, so refreshes, evaluations and pseudo-labelling run only the trainable part (default 4; 0 turns it off)")
-    g.add_argument("--freeze_bn", type=str2bool, default=S, help="keep BatchNorm statistics frozen while training (the paper: True)")
-    g.add_argument("--recalibrate_bn", type=str2bool, default=S, help="re-estimate BatchNorm statistics on the labelled images before each centre refresh (default True)")
-    g.add_argument("--recalibrate_bn_images", type=optional_int, default=S,
-                   help="re-estimate them on at most this many training images, a fixed random subset drawn from the seed "
-                   "(default none: all; e.g. 10000 when self-training adds tens of thousands of images)")
-    g.add_argument("--amp", choices=AMP_CHOICES, default=S, help="bfloat16 autocast for the network: about 2x faster on CPUs with AVX512-BF16 or AMX and on recent GPUs, about 11x slower on AVX2-only CPUs; auto uses it only where it is native (default none)")
-    g.add_argument("--compile", type=str2bool, default=S, help="torch.compile the training forward pass (default False)")
-    g.add_argument("--channels_last", type=str2bool, default=S, help="channels-last memory format (faster on CPUs)")
-
-    g = p.add_argument_group("kernel classifier")
-    g.add_argument("--sigma", type=finite_float, default=S, help="kernel width (default 0.3 for unit-length embeddings; the paper preset: 10)")
-    g.add_argument("--k", "--K", dest="k", type=int, default=S, help="number of nearest centres (default 200)")
-    g.add_argument("--class_floor", choices=CLASS_FLOORS, default=S, help="a class with no neighbour in the list: authors (its unnormalised mass is 1e-10, then normalise, as the authors' classifier.py; the paper preset) or normalised (1e-10 after normalising over the classes present: no gradient) (default normalised)")
-    g.add_argument("--update_interval", type=int, default=S, help="epochs between centre refreshes")
-    g.add_argument("--learn_kernel_weights", type=str2bool, default=S, help="train the per-centre weights (default True)")
-    g.add_argument("--centre_momentum", type=optional_float, default=S, help="none (centres change only at a refresh, the paper) or m in [0,1): move each centre to its latest embedding after every step")
-    g.add_argument("--search", choices=SEARCH_BACKENDS, default=S, help="neighbour search backend (default torch)")
-
-    g = p.add_argument_group("mixup")
-    g.add_argument("--alpha", type=finite_float, default=S, help="Beta(alpha, alpha) for lambda; 0 turns mixing off (default 1)")
-    g.add_argument("--scale_mixup", type=finite_float, default=S, help="weight s of the mixup term")
-    g.add_argument("--beta", type=finite_float, default=S, help="weight b of the clean NNGK loss in MbDML1/3 (not the Beta distribution)")
-    g.add_argument("--mixup_head", choices=MIXUP_HEADS, default=S, help="linear head, or the authors' raw features as logits")
-    g.add_argument("--mixed_neighbours", choices=MIXED_NEIGHBOURS, default=S, help="neighbour lists of a mixed sample (default: sample i's)")
-    g.add_argument("--split_batch", type=str2bool, default=S, help="mbdml1/mbdml3 and the semi-supervised methods: the clean NNGK term on one half of each batch and the mixed term on the other half, one forward pass per image (the cost of a Mixup step) instead of two (default: true with --preset finetune, false otherwise)")
-    g.add_argument("--label_smoothing", type=finite_float, default=S, help="label smoothing epsilon for the NNGK and cross-entropy terms (default 0)")
-
-    g = p.add_argument_group("semi-supervised (methods mbdml_semi, mbdml1_semi: the unlabelled images get pseudo-labels)")
-    g.add_argument("--pseudo_threshold", type=finite_float, default=S, help="kernel-classifier confidence an unlabelled image needs to be used (default 0.9)")
-    g.add_argument("--pseudo_start", type=optional_int, default=S, help="first epoch (0-based; 0 is the first) that uses pseudo-labels; labelled images only before (default none: a quarter of the epochs)")
-    g.add_argument(
-        "--pseudo_fraction", type=optional_float, default=S,
-        help="select by rank instead of by --pseudo_threshold: per predicted class, the most confident unlabelled images, "
-        "a share of them growing linearly to this fraction at the last epoch (default: off)",
-    )
-    g.add_argument("--pseudo_weight", type=finite_float, default=S, help="weight of the pseudo-labelled images' NNGK loss (default 1)")
-    g.add_argument(
-        "--pseudo_ratio", type=int, default=S,
-        help="pseudo-labelled images drawn per labelled image at each step; each labelled image of the mix is paired with "
-        "this many of them (default 1)",
-    )
-    g.add_argument(
-        "--pseudo_labeller", choices=PSEUDO_LABELLERS, default=S,
-        help="what gives the pseudo-labels and the confidence they are ranked or thresholded by: the kernel classifier on "
-        "the K nearest centres (default), the kernel classifier on every centre (kernel_all), the mixup head's softmax "
-        "(head), or the mean of kernel and head (head and mean: mbdml1_semi)",
-    )
-
-    g.add_argument(
-        "--pseudo_augment", choices=PSEUDO_AUGMENTS, default=S,
-        help="augmentation of the pseudo-labelled images: like the labelled ones (standard, the default), or also "
-        "RandAugment and a Cutout of half the side (randaugment: FixMatch's strong view; the pseudo-labels come from the "
-        "clean images)",
-    )
-    g.add_argument(
-        "--pseudo_online", type=str2bool, default=S,
-        help="label the unlabelled images drawn at each step with the current model (the eval-mode embedding of the "
-        "un-augmented image, FixMatch's weak view) and train on those whose confidence reaches --pseudo_threshold, "
-        "instead of labelling every unlabelled image at the centre refreshes (default False)",
-    )
-    g.add_argument("--randaugment_ops", type=int, default=S, help="with --pseudo_augment randaugment: operations per image (default 2)")
-    g.add_argument(
-        "--randaugment_magnitude", type=finite_float, default=S,
-        help="with --pseudo_augment randaugment: each operation's magnitude is drawn uniformly in [0, this]; 1 is the "
-        "full range, 30 degrees of rotation, 30%% shifts (default 1)",
-    )
-
-    g = p.add_argument_group("self-training (a finished run labels the unlabelled images once, before training)")
-    g.add_argument(
-        "--teacher", default=S,
-        help="folder of a finished run on the same labelled split: its final model labels the unlabelled images (by "
-        "--pseudo_labeller) and the surest join the labelled ones, for any supervised method (default: off). In "
-        "'compare', {run}, {seed} and {dataset} are filled in per run, e.g. results/cifar10/mbdml1/run{run}",
-    )
-    g.add_argument(
-        "--teacher_epochs", type=optional_int, default=S,
-        help="self-training in one run: train the method this many epochs on the labelled images alone (the teacher, "
-        "saved in the run folder's teacher/), label the unlabelled images with it, then train the student for "
-        "--max_epochs on the labelled and kept images; with --freeze_stages the student reuses the teacher's "
-        "frozen-stage features (default: off; in 'compare' the semi-supervised methods ignore it)",
-    )
-    g.add_argument(
-        "--student_init", choices=STUDENT_INITS, default=S,
-        help="the student's starting weights: 'pretrained' (those the teacher started from: --pretrained, or random) or "
-        "'teacher' (the teacher's final network and mixup head; it then needs fewer epochs) (default pretrained)",
-    )
-    g.add_argument(
-        "--teacher_fraction", type=optional_float, default=S,
-        help="share of the unlabelled images kept, the teacher's surest per predicted class (default 0.8; none: keep "
-        "those whose confidence reaches --pseudo_threshold)",
-    )
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=S)
-    g.add_argument("--learning_rate", "--lr", dest="learning_rate", type=finite_float, default=S)
-    g.add_argument("--weight_decay", type=finite_float, default=S)
-    g.add_argument("--schedule", choices=SCHEDULES, default=S)
-    g.add_argument("--batch_size", type=int, default=S)
-    g.add_argument("--max_epochs", "--epochs", dest="max_epochs", type=int, default=S)
-    g.add_argument("--flip", type=str2bool, default=S, help="random horizontal flips (True/False; default: on for colour images only)")
-    g.add_argument("--crop_padding", type=int, default=S, help="padded random crop, in pixels (0: off; default: an eighth of the image side)")
-    g.add_argument("--cutout", type=int, default=S, help="side in pixels of a square set to the mean colour in each training image (0: off, the default)")
-    g.add_argument("--mean", type=float_list, default=S, help="normalisation mean(s), comma-separated (default 0.5)")
-    g.add_argument("--std", type=float_list, default=S, help="normalisation std(s), comma-separated (default 0.5)")
-
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval_every", type=int, default=S, help="epochs between evaluations (default: every refresh)")
-    g.add_argument("--knn_k", type=int, default=S, help="k of the plain k-NN accuracy (default 10)")
-    g.add_argument("--retrieval_metrics", type=str2bool, default=S, help="compute precision@1, MAP@R, NMI (default True)")
-    g.add_argument("--tsne_graph", type=str2bool, default=S, help="draw t-SNE plots of train and test embeddings (True/False)")
-    g.add_argument("--tta_flip", type=str2bool, default=S, help="centres and evaluation embeddings averaged with the mirror image's (default False)")
-    if single_run:
-        g.add_argument("--save_dir", default=S, help="folder under which the run folder is made (default runs)")
-        g.add_argument("--name", default=S, help="run name (default method-dataset-seed-run)")
-    g.add_argument("--seed", type=int, default=S, help="base seed (run r of a comparison uses seed + r)")
-    if single_run:
-        g = p.add_argument_group("several processes (torch.distributed; see docs/distributed.md)")
-        g.add_argument("--nproc", type=int, default=S, help="train with N processes on this machine: runs 'torchrun --standalone --nproc_per_node N -m mbdml train ...' (batch_size is per process)")
-        g.add_argument("--sync_bn", type=str2bool, default=S, help="with several CUDA processes: BatchNorm statistics over the global batch (default False)")
-        g.add_argument("--dist_timeout", type=finite_float, default=S, help="seconds a process waits for the others before stopping (default 600)")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", choices=DEVICES, default=S, help="cpu, cuda, mps or auto (default)")
-    g.add_argument("--gpu_id", type=int, default=S, help="the authors' flag: train on cuda:GPU_ID")
-    g.add_argument("--deterministic", type=str2bool, default=S, help="deterministic algorithms (slower; exact reruns)")
-    g.add_argument("--keep_freed_memory", type=str2bool, default=S,
-                   help="let glibc's malloc keep freed memory for the next step instead of returning it to the system: 4x fewer "
-                        "page faults, a few %% faster on CPUs, same results (default True; ignored when jemalloc or tcmalloc is preloaded)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+# Flags that are not options of a run (where its options come from, how it is launched), beside an option.
+_FLAGS_BEFORE: dict[str, list[dict[str, Any]]] = {
+    "sync_bn": [{"flags": ("--nproc",), "type": int, "single_run": True,
+                 "help": "train with N processes on this machine: runs 'torchrun --standalone --nproc_per_node N -m mbdml train ...' (batch_size is per process)"}],
+}
+_FLAGS_AFTER: dict[str, list[dict[str, Any]]] = {
+    "preset": [
+        {"flags": ("--config",), "metavar": "FILE", "help": "a config.json of an earlier run to start from (flags override it)"},
+        {"flags": ("--resume",), "metavar": "RUN_DIR", "help": "continue an interrupted run from its last checkpoint", "single_run": True},
+    ],
+    "dataset": [{"flags": ("--data_dir",), "single_run": True,
+                 "help": "the authors' flag: a folder with one sub-folder of images per class (labelled training images)"}],
+    "device": [{"flags": ("--gpu_id",), "type": int, "help": "the authors' flag: train on cuda:GPU_ID"}],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", help="train one method on a labelled fraction of a data set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_train_options(p)
+    add_run_options(p)
 
     p = sub.add_parser("compare", help="the paper's protocol: methods x runs x data sets, then one comparison table")
     g = p.add_argument_group("comparison")
@@ -266,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results_dir", default="results/compare", help="where runs, tables and plots go (default results/compare)")
     g.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
     g.add_argument("--reference", default="nngk", help="the method every other is compared with at the end, paired by run (default nngk)")
-    _add_train_options(p, single_run=False)
+    add_run_options(p, single_run=False)
 
     p = sub.add_parser("report", help="rebuild the comparison tables and plots of results folders without training")
     p.add_argument("results_dir", nargs="+", help="one or more folders written by 'mbdml compare'")
@@ -299,10 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Preset (or --config file) < explicit flags. Returns a RunConfig, not yet resolved."""
-    from .config import RunConfig, make_config
-
     given = {k: v for k, v in vars(args).items() if k not in ("command", "quiet", "config", "resume", "methods", "datasets", "runs", "results_dir", "jobs", "nproc", "reference")}
     if "gpu_id" in given:
         gpu = given.pop("gpu_id")
@@ -388,7 +211,7 @@ def launch_torchrun(nproc: int, argv: Sequence[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     from .distributed import launched_by_torchrun
-    from .train import Trainer, resume
+    from .train import build_trainer, resume
 
     nproc = getattr(args, "nproc", 1)
     if nproc != 1 and not launched_by_torchrun():
@@ -401,7 +224,7 @@ def cmd_train(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         result = resume(args.resume)
     else:
         cfg = config_from_args(args)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         if main_rank:
             print(f"run folder: {trainer.run_dir}", file=sys.stderr)
         result = trainer.run()
@@ -500,17 +323,29 @@ def _check_classes(run: Any, data: Any) -> None:
         raise ConfigError(f"the run was trained on {run.kernel.num_classes} classes but this data set has {data.num_classes}; evaluate on data with the same classes")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import compute_embeddings, evaluate_embeddings
-    from .train import load_run, resolve_device
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The saved run of ``args.run_dir`` and the embedder it trained with (its
+    normalisation, test-time flips, precision and memory format)."""
+    from .components import load_run
+    from .embedder import Embedder
+    from .environment import resolve_device
+    from .precision import resolve_amp
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, args.which, device=str(device))
+    amp = resolve_amp(run.config.amp, device, warn=False)
+    return run, Embedder.for_run(run.model, run.config, device, amp=amp)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_embeddings
+
+    run, embedder = _loaded(args)
     _, test = _data_for(run, args.dataset, args.test_dir)
     _check_classes(run, test)
     cfg = run.config
-    emb = compute_embeddings(run.model, test.images, device=device, mean=cfg.mean, std=cfg.std)
-    metrics = evaluate_embeddings(run.kernel, emb, test.labels.to(device), knn_k=cfg.knn_k, retrieval=True, seed=cfg.seed)
+    emb = embedder.embed(test.images)
+    metrics = evaluate_embeddings(run.kernel, emb, test.labels.to(embedder.device), knn_k=cfg.knn_k, retrieval=True, seed=cfg.seed)
     metrics = {"run_dir": str(args.run_dir), "checkpoint": args.which, "epoch": run.epoch, "images": len(test), **metrics}
     for key, value in metrics.items():
         print(f"{key:>16}: {100 * value:.2f}" if key in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi") else f"{key:>16}: {value}")
@@ -525,21 +360,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .evaluate import compute_embeddings
-    from .train import load_run, resolve_device
-
     path = Path(args.out)
     if path.suffix not in (".pt", ".npz"):
         raise ConfigError(f"--out {path}: use a .npz or .pt file name")
-    device = resolve_device(args.device)
-    run = load_run(args.run_dir, args.which, device=str(device))
+    run, embedder = _loaded(args)
     train, test = _data_for(run, args.dataset, args.test_dir)
     parts = {"test": [("test", test)], "train": [("train", train)], "both": [("train", train), ("test", test)]}[args.part]
     out: dict[str, Any] = {"classes": list(test.classes)}
-    cfg = run.config
     for name, data in parts:
         _check_classes(run, data)
-        out[f"{name}_embeddings"] = compute_embeddings(run.model, data.images, device=device, mean=cfg.mean, std=cfg.std).cpu()
+        out[f"{name}_embeddings"] = embedder.embed(data.images).cpu()
         out[f"{name}_labels"] = data.labels.cpu()
     from .checkpoint import atomic_write
 

@@ -6,7 +6,7 @@ top and serves big blocks with mmap), so the next step faults the same pages in 
 zeroed by the kernel. On the `finetune` preset that is about 1,100 minor page faults
 and 2.3-2.6 ms of system time per training image; keeping the memory cuts both about
 fourfold, with no higher peak memory, and an epoch took 3-11% less time in two
-measurements on this noisy 2-core machine (``benchmarks/allocator.py``, docs/benchmarks.md).
+measurements on this noisy 2-core machine (``benchmarks/allocator.py``, docs/performance.md).
 
 jemalloc or tcmalloc preloaded with ``LD_PRELOAD`` keep freed blocks of every size (glibc's
 mmap threshold cannot go above 32 MiB, so larger blocks are still returned at each

@@ -1,7 +1,7 @@
 """Data-parallel training on several processes with torch.distributed (launched by torchrun).
 
 ``torchrun --nproc_per_node N -m mbdml train ...`` (or ``mbdml train --nproc N``) starts N
-processes; each runs the same :class:`mbdml.train.Trainer`, which finds the launcher's
+processes; each runs the same :class:`mbdml.engine.Trainer`, which finds the launcher's
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and joins the process group
 here: gloo on CPUs, nccl on CUDA GPUs. What is shared and how:
 

@@ -81,7 +81,8 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
 
     Options that concern only some methods go to those: ``--pseudo_augment`` to the
     semi-supervised ones (the others have no pseudo-labelled images), ``split_batch``
-    and ``scale_mixup`` by the preset's per-method value unless given."""
+    and ``scale_mixup`` by the preset's per-method value unless given. Every run's
+    configuration is checked whole before any run starts."""
     if runs < 1:
         raise ConfigError(f"--runs must be at least 1, got {runs}")
     if not datasets or not methods:
@@ -98,8 +99,9 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
 
 def job_config(base: RunConfig, dataset: str, method: str, run: int) -> RunConfig:
     """The resolved configuration of run ``run`` of ``method`` on ``dataset`` in a comparison
-    with the settings ``base`` (see :func:`plan`)."""
+    with the settings ``base`` (see :func:`plan`), checked whole (:func:`mbdml.train.check_config`)."""
     from .methods import METHODS
+    from .train import check_config
 
     cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
     if base.teacher is not None:
@@ -108,7 +110,7 @@ def job_config(base: RunConfig, dataset: str, method: str, run: int) -> RunConfi
         cfg = dataclasses.replace(cfg, pseudo_augment="standard")
     elif method in METHODS:  # they label the unlabelled images themselves
         cfg = dataclasses.replace(cfg, teacher_epochs=None, student_init="pretrained")
-    return cfg.resolved()
+    return check_config(cfg)
 
 
 TEACHER_PLACEHOLDERS = ("dataset", "run", "seed")
@@ -201,7 +203,7 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
     """Train (or finish) one run; returns its summary. Runs in a worker process too."""
     import torch
 
-    from .train import Trainer
+    from .train import build_trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -212,7 +214,7 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
         summary = read_summary(job.run_dir / "summary.json")
         assert summary is not None
         return summary
-    trainer = Trainer(job.config, run_dir=job.run_dir, resume=state == "resume")
+    trainer = build_trainer(job.config, run_dir=job.run_dir, resume=state == "resume")
     return trainer.run().summary
 
 
@@ -248,7 +250,7 @@ def compare(
     save_json({"datasets": datasets, "methods": methods, "runs": runs, "base": base.to_dict()}, results_dir / "compare.json",
               fix="pass another --results_dir")
     log.info("%d runs in the comparison, %d already finished, %d to do (%d in parallel)", len(all_jobs), len(all_jobs) - len(todo), len(todo), jobs)
-    from .train import progress_bar
+    from .progress import progress_bar
 
     bar = progress_bar(desc="runs", enabled=progress, total=len(all_jobs), initial=len(all_jobs) - len(todo), unit="run")
     failures: list[str] = []

@@ -111,7 +111,7 @@ class StandaloneClassifier(nn.Module):
 
 
 def standalone_classifier(loaded: Any) -> StandaloneClassifier:
-    """The :class:`StandaloneClassifier` of a run loaded with ``mbdml.train.load_run``."""
+    """The :class:`StandaloneClassifier` of a run loaded with ``mbdml.components.load_run``."""
     cfg, kernel = loaded.config, loaded.kernel
     return StandaloneClassifier(
         loaded.model,
@@ -165,7 +165,7 @@ def export_run(run_dir: str | Path, out: str | Path, which: str = "best", image_
     ``image_size`` is needed only for runs saved before mbdml recorded the size of
     their images (and trained at the data's own size).
     """
-    from .train import load_run
+    from .components import load_run
 
     loaded = load_run(run_dir, which=which)
     shape = loaded.image_shape

@@ -82,6 +82,8 @@ def knn_search(
     backend: str = "torch",
     query_block: int | None = None,
     centre_block: int | None = None,
+    first_block: int | None = None,
+    pending: int | None = None,
     nprobe: int = 16,
 ) -> SearchResult:
     """The k nearest centres of each query by squared Euclidean distance.
@@ -100,9 +102,15 @@ def knn_search(
         query_block, centre_block: block sizes of the torch backend; default 2048 x
             2048 on a CPU (a distance block that stays in the last-level cache), 8192 x
             8192 on a GPU.
+        first_block: centres in the first block (torch), whose full top-K selection
+            sets each query's first threshold; default max(16384, 4 k).
+        pending: candidate slots per query between two top-K selections (torch);
+            default k / 2 (at least 8).
         nprobe: inverted lists visited per query (``"faiss-ivf"``).
     """
-    return CentreSearch(centres, backend, nprobe=nprobe).search(queries, k, exclude=exclude, query_block=query_block, centre_block=centre_block)
+    return CentreSearch(centres, backend, nprobe=nprobe).search(
+        queries, k, exclude=exclude, query_block=query_block, centre_block=centre_block, first_block=first_block, pending=pending,
+    )
 
 
 class CentreSearch:
@@ -118,6 +126,9 @@ class CentreSearch:
         index_builds: faiss indexes built (0 or 1).
         ivf_trainings: k-means trainings of an inverted-file index (0 or 1).
         searches: calls of :meth:`search` that reached the backend.
+        grouped_tiles: distance tiles of :meth:`search` (torch) whose few candidates
+            were found through the minimum over groups of 8 queries (late blocks of a
+            large search), not by a comparison of every entry.
     """
 
     def __init__(self, centres: torch.Tensor, backend: str = "torch", *, nprobe: int = 16) -> None:
@@ -129,6 +140,7 @@ class CentreSearch:
         self.index_builds = 0
         self.ivf_trainings = 0
         self.searches = 0
+        self.grouped_tiles = 0
         self._faiss_index = None
 
     def search(
@@ -139,6 +151,8 @@ class CentreSearch:
         exclude: torch.Tensor | None = None,
         query_block: int | None = None,
         centre_block: int | None = None,
+        first_block: int | None = None,
+        pending: int | None = None,
     ) -> SearchResult:
         """The k nearest centres of each query; arguments as in :func:`knn_search`."""
         centres = self.centres
@@ -152,7 +166,11 @@ class CentreSearch:
         if self.backend == "torch":
             big = 8192 if queries.device.type == "cuda" else 2048
             with torch.autocast(device_type=queries.device.type, enabled=False):  # exact float32 ranking
-                return _search_torch(queries.float(), centres.float(), k_eff, exclude, query_block or big, centre_block or big)
+                result, grouped = _search_torch(
+                    queries.float(), centres.float(), k_eff, exclude, query_block or big, centre_block or big, first_block, pending,
+                )
+            self.grouped_tiles += grouped
+            return result
         return _search_faiss(self._index(), queries, k_eff, exclude, approximate=(self.backend == "faiss-ivf"), nprobe=self.nprobe)
 
     def self_search(self, k: int, *, block: int | None = None, first_block: int | None = None, pending: int | None = None) -> SearchResult:
@@ -189,8 +207,9 @@ def _search_torch(
     centre_block: int,
     first_block: int | None = None,
     pending: int | None = None,
-) -> SearchResult:
-    """Exact blocked search with a running K-th-distance filter.
+) -> tuple[SearchResult, int]:
+    """Exact blocked search with a running K-th-distance filter; returns the result and
+    how many tiles took the grouped filter (see :meth:`_RunningTopK.update_shifted`).
 
     Each block of queries meets the centres block by block. A running top-K is kept per
     query, and with it the K-th best distance so far: in a new block only the entries
@@ -238,7 +257,7 @@ def _search_torch(
                 rows = torch.arange(nq, device=device).unsqueeze(1).expand_as(local)
                 z[rows[inside], local[inside]] = float("inf")
             state.update_shifted(z, q0, c0, shift)
-    return state.result(None, order)
+    return state.result(None, order), state.grouped_tiles
 
 
 # --------------------------------------------------------------------------- self search
@@ -465,6 +484,7 @@ class _RunningTopK:
         self.mask = torch.zeros((tile + 7) // 8 * 8, dtype=torch.bool, device=device)
         self.density: dict[int, float] = {}  # last row-side candidate fraction per row block
         self.low = torch.empty(0, dtype=torch.float32, device=device)  # group minima (update_shifted)
+        self.grouped_tiles = 0  # tiles whose candidates the group minima found (update_shifted)
 
     def update(self, d: torch.Tensor, r0: int, c0: int, columns: bool) -> None:
         """Offer tile ``d`` to rows r0.. (its rows) or, with ``columns``, to rows r0.. as
@@ -513,6 +533,7 @@ class _RunningTopK:
         if nr >= 64 and nr % 8 == 0 and self.density.get(r0, 1.0) < 0.005 and not bool(torch.isinf(tau).any()):
             found = self._candidates_grouped(z, shift)
             if found is not None:
+                self.grouped_tiles += 1
                 rows, cols, vals = found
                 self.density[r0] = rows.numel() / z.numel()
                 if rows.numel():

@@ -3,7 +3,7 @@
 bfloat16 autocast pays only where the hardware computes in bfloat16. On a CPU with
 AVX512-BF16 or AMX a Lite0 or ResNet step is about 1.9x faster than in float32; on a
 CPU with AVX2 only (e.g. AMD EPYC Zen 3) oneDNN has no bfloat16 kernels and the same
-step was 11-13x *slower* (``benchmarks/precision.py``, docs/benchmarks.md).
+step was 11-13x *slower* (``benchmarks/precision.py``, docs/performance.md).
 ``auto`` picks bfloat16 where it is native and float32 elsewhere; an explicit ``bf16``
 where it is emulated is kept, with a warning that says what it costs.
 """
@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from .config import AMP_CHOICES
+AMP_CHOICES = ("none", "bf16", "auto")  # --amp
 
 log = logging.getLogger("mbdml")
 

@@ -23,6 +23,11 @@ fraction, seed, split, fold, validation fraction) and image size: its centres ar
 checked against the student's labelled images. The validation and test images are
 never labelled by the teacher. The hidden true labels of the unlabelled images serve
 only the logged accuracy of the pseudo-labels.
+
+:class:`SelfTraining` is this as an algorithm on the engine (:class:`mbdml.engine.Trainer`):
+the teacher stage and the labelling before the student's first epoch, the student's
+start from its teacher once its network is built. The teacher labels with the
+:class:`~mbdml.pseudo_labels.PseudoLabeller` the semi-supervised methods use.
 """
 
 from __future__ import annotations
@@ -37,12 +42,22 @@ from typing import Any
 
 import torch
 
+from .checkpoint import load_checkpoint
+from .components import load_run
 from .config import RunConfig
-from .distributed import SINGLE, DistContext, all_gather_rows
+from .data import ImageSet
+from .distributed import SINGLE, DistContext
+from .embedder import Embedder
+from .engine import Algorithm, Trainer
+from .environment import resolve_device
 from .errors import CheckpointError, ConfigError
-from .evaluate import compute_embeddings
 from .feature_cache import FrozenFeatureCache, same_frozen_stages
+from .kernel import NNGKClassifier
+from .methods import METHODS
+from .models import EmbeddingNet
+from .pseudo_labels import PseudoLabeller, select_pseudo_labels
 from .precision import resolve_amp
+from .training_data import PreparedData
 
 log = logging.getLogger("mbdml")
 
@@ -104,17 +119,6 @@ def check_teacher_config(teacher: RunConfig, student: RunConfig, teacher_dir: st
         )
 
 
-def select_pseudo_labels(confidence: torch.Tensor, labels: torch.Tensor, num_classes: int, fraction: float | None, threshold: float) -> torch.Tensor:
-    """Mask of the kept images: per predicted class, its surest images up to ``fraction``
-    of the set over the classes (see :func:`mbdml.train.select_by_rank`), or, with no
-    fraction, those whose confidence reaches ``threshold``."""
-    from .train import select_by_rank
-
-    if fraction is None:
-        return confidence >= threshold
-    return select_by_rank(confidence, labels, num_classes, fraction)
-
-
 @dataclass
 class Teacher:
     """A trained model ready to label: its network, its kernel classifier (centres set
@@ -123,20 +127,20 @@ class Teacher:
 
     name: str
     config: RunConfig
-    model: Any
-    kernel: Any
-    head: Any = None
+    model: EmbeddingNet
+    kernel: NNGKClassifier
+    head: torch.nn.Module | None = None
     cache: FrozenFeatureCache | None = None
 
 
-def _teacher_cache(teacher_cfg: RunConfig, student_cfg: RunConfig, model: Any, device: torch.device) -> FrozenFeatureCache:
+def _teacher_cache(teacher_cfg: RunConfig, student_cfg: RunConfig, model: EmbeddingNet, device: torch.device) -> FrozenFeatureCache:
     return FrozenFeatureCache(
         model, max_bytes=int(student_cfg.frozen_cache_gb * 2**30), batch_size=max(256, teacher_cfg.batch_size), device=device,
         mean=teacher_cfg.mean, std=teacher_cfg.std, channels_last=teacher_cfg.channels_last,
     )
 
 
-def load_teacher(cfg: RunConfig, data: Any, device: torch.device) -> Teacher:
+def load_teacher(cfg: RunConfig, data: PreparedData, device: torch.device) -> Teacher:
     """Read the finished run ``cfg.teacher`` back (its final model) and check that it was
     trained on the student's labelled split.
 
@@ -144,8 +148,6 @@ def load_teacher(cfg: RunConfig, data: Any, device: torch.device) -> Teacher:
     order), which catches a teacher trained on another split even when its
     configuration file was edited.
     """
-    from .train import load_run
-
     teacher_dir = Path(str(cfg.teacher))
     if not (teacher_dir / "last.pt").is_file():
         raise ConfigError(
@@ -168,9 +170,7 @@ def load_teacher(cfg: RunConfig, data: Any, device: torch.device) -> Teacher:
         )
     if int(kernel.num_classes) != len(data.classes):
         raise ConfigError(f"the teacher {teacher_dir} has {int(kernel.num_classes)} classes and the data {len(data.classes)}")
-    model = teacher.model
-    if teacher.config.channels_last:  # as it trained: the same kernels, so the same features as a student's
-        model = model.to(memory_format=torch.channels_last)
+    model = teacher.model  # in the memory format it trained in: the same kernels, so the same features as a student's
     return Teacher(str(teacher_dir), teacher.config, model, kernel, getattr(teacher.method, "head", None),
                    _teacher_cache(teacher.config, cfg, model, device))
 
@@ -183,12 +183,10 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, student_init="pretrained", name="teacher", tsne_graph=False)
 
 
-def train_teacher(cfg: RunConfig, data: Any, run_dir: Path) -> Teacher:
+def train_teacher(cfg: RunConfig, data: PreparedData, run_dir: Path) -> Teacher:
     """The teacher stage of ``--teacher_epochs``: train the method on the labelled images
     in ``run_dir/teacher`` (a run of its own, resumed after an interruption, read back
     once finished) and return it, ready to label."""
-    from .train import Trainer, resolve_device
-
     tcfg = teacher_config(cfg)
     tdir = run_dir / TEACHER_DIR
     summary_path = tdir / "summary.json"
@@ -206,58 +204,38 @@ def train_teacher(cfg: RunConfig, data: Any, run_dir: Path) -> Teacher:
 
 
 @torch.no_grad()
-def label_unlabelled(teacher: Teacher, cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
+def label_unlabelled(teacher: Teacher, cfg: RunConfig, data: PreparedData, device: torch.device, block: int = 4096,
+                     dist: DistContext = SINGLE) -> TeacherLabels:
     """Label ``data.unlabelled`` with ``teacher`` by ``cfg.pseudo_labeller`` and keep the
     surest (``--teacher_fraction``, or ``--pseudo_threshold``).
 
-    With several processes (``dist``) each embeds and labels its shard of the unlabelled
-    images and the results are gathered, so every process keeps the same images. With
-    one process and frozen stages, the images go through the teacher's frozen-stage
-    cache, where the student can pick their features up (:func:`student_features`).
+    The teacher embeds the images as it trained (its normalisation, flips, memory
+    format), in the student's precision (``--amp``, for this machine). With several
+    processes (``dist``) each embeds and labels its shard of the unlabelled images and
+    the results are gathered, so every process keeps the same images. With one process
+    and frozen stages, the images go through the teacher's frozen-stage cache, where the
+    student can pick their features up (:func:`student_features`).
     """
-    from .train import labeller_probabilities
-
     t0 = time.perf_counter()
     unl = data.unlabelled
     if unl is None or len(unl) == 0:
         raise ConfigError("self-training needs unlabelled images to label; with --labelled_fraction 1 every image is labelled already")
-    tcfg, kernel, head = teacher.config, teacher.kernel, teacher.head
+    tcfg, head = teacher.config, teacher.head
     if cfg.pseudo_labeller in ("head", "mean") and head is None:
         raise ConfigError(
             f"--pseudo_labeller {cfg.pseudo_labeller} reads the teacher's mixup head, and the teacher ({tcfg.method}) has none; "
             "use --pseudo_labeller kernel or kernel_all"
         )
-    teacher.model.eval()
-    # the student's precision (--amp, for this machine), whatever the teacher trained in
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolve_amp(cfg.amp, device, warn=False) == "bf16")
-    kept_emb = None
-    if teacher.cache is not None and not dist.enabled:
-        with autocast:
-            kept_emb = teacher.cache.embed(unl.images, flip_average=tcfg.tta_flip)
-    conf_all, lab_all = [], []
-    part = dist.shard(len(unl)) if kept_emb is None else range(len(unl))
-    for start in range(part.start, part.stop, block):
-        stop = min(start + block, part.stop)
-        if kept_emb is not None:
-            emb = kept_emb[start:stop]
-        else:
-            with autocast:
-                emb = compute_embeddings(
-                    teacher.model, unl.images[start:stop], batch_size=max(256, tcfg.batch_size), device=device,
-                    mean=tcfg.mean, std=tcfg.std, channels_last=tcfg.channels_last, flip_average=tcfg.tta_flip,
-                )
-        probs = labeller_probabilities(cfg.pseudo_labeller, kernel, emb, kernel.neighbours(emb), head)
-        conf, lab = probs.max(1)
-        conf_all.append(conf.cpu())
-        lab_all.append(lab.cpu())
-    conf = all_gather_rows(torch.cat(conf_all) if conf_all else torch.zeros(0), dist)
-    lab = all_gather_rows(torch.cat(lab_all) if lab_all else torch.zeros(0, dtype=torch.long), dist)
+    amp = resolve_amp(cfg.amp, device, warn=False)
+    embedder = Embedder.for_run(teacher.model, tcfg, device, amp=amp, cache=None if dist.enabled else teacher.cache)
+    labelled = PseudoLabeller(cfg.pseudo_labeller, teacher.kernel, head).label(unl.images, embedder, block=block, dist=dist, keep_neighbours=False)
+    conf, lab = labelled.confidence.cpu(), labelled.labels.cpu()
     keep = select_pseudo_labels(conf, lab, len(data.classes), cfg.teacher_fraction, cfg.pseudo_threshold)
     idx = keep.nonzero().reshape(-1)
     return TeacherLabels(idx, lab[idx], conf[idx], len(unl), teacher.name, time.perf_counter() - t0)
 
 
-def label_with_teacher(cfg: RunConfig, data: Any, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
+def label_with_teacher(cfg: RunConfig, data: PreparedData, device: torch.device, block: int = 4096, dist: DistContext = SINGLE) -> TeacherLabels:
     """Label ``data.unlabelled`` with the finished run ``cfg.teacher`` (its final model)."""
     return label_unlabelled(load_teacher(cfg, data, device), cfg, data, device, block=block, dist=dist)
 
@@ -281,7 +259,7 @@ class SharedFeatures:
         return sum(cache.put(images, plain, flipped) for images, plain, flipped in self.entries)
 
 
-def student_features(teacher: Teacher, data: Any, student_data: Any, labels: TeacherLabels) -> SharedFeatures | None:
+def student_features(teacher: Teacher, data: PreparedData, student_data: PreparedData, labels: TeacherLabels) -> SharedFeatures | None:
     """The teacher's kept frozen features of the student's training images (the labelled
     ones and the kept unlabelled ones, in the student's order) and of the validation and
     test images, so that the student does not compute them again; None when the teacher
@@ -345,11 +323,9 @@ def start_from_teacher(model: torch.nn.Module, method: torch.nn.Module, cfg: Run
     return copied
 
 
-def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:
+def with_teacher_labels(data: PreparedData, labels: TeacherLabels) -> PreparedData:
     """The data with the kept unlabelled images appended to the labelled training images
     (with the teacher's labels); the rest stay unlabelled."""
-    from .data.sources import ImageSet
-
     unl = data.unlabelled
     if labels.unlabelled_count != len(unl) or (labels.indices.numel() and int(labels.indices.max()) >= len(unl)):
         raise CheckpointError(
@@ -363,37 +339,98 @@ def with_teacher_labels(data: Any, labels: TeacherLabels) -> Any:
     return dataclasses.replace(data, train=train, unlabelled=unl.subset(rest), unlabelled_count=int(rest.sum()))
 
 
-def apply_teacher(
-    cfg: RunConfig, data: Any, device: torch.device, run_dir: Path, reuse: bool = False, dist: DistContext = SINGLE,
-) -> tuple[Any, dict[str, Any], SharedFeatures | None]:
-    """Label with the teacher (``--teacher``, or the teacher stage of ``--teacher_epochs``,
-    trained here first) and return the student's data, the labelling's statistics, and
-    the frozen features the student can take over. The labels are saved in the run
-    folder (by the main process); a resumed run (``reuse``) reads them back instead of
-    labelling again."""
-    path = run_dir / LABELS_FILE
-    teacher = None
-    if reuse and path.is_file():
-        labels = TeacherLabels.load(path)
-    else:
-        teacher = train_teacher(cfg, data, run_dir) if cfg.teacher_epochs is not None else load_teacher(cfg, data, device)
-        labels = label_unlabelled(teacher, cfg, data, device, dist=dist)
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            labels.save(path)
-    student_data = with_teacher_labels(data, labels)
-    shared = None if teacher is None else student_features(teacher, data, student_data, labels)
-    del teacher
-    stats = labels.stats(data.unlabelled.labels)
-    teacher_summary = run_dir / TEACHER_DIR / "summary.json"  # written by the teacher stage of --teacher_epochs
-    if cfg.teacher_epochs is not None and teacher_summary.is_file():
-        summary = json.loads(teacher_summary.read_text())
-        final, epochs = summary.get("final", {}), summary.get("epochs") or 0
-        stats.update(teacher_epochs=epochs, teacher_train_s=(summary.get("train_seconds_per_epoch") or 0.0) * epochs,
-                     teacher_val_acc=final.get("val_acc"), teacher_test_acc=final.get("nngk_acc"))
-    log.info(
-        "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
-        labels.teacher, stats["teacher_n"], labels.unlabelled_count, 100 * stats["teacher_fraction_kept"],
-        "?" if stats["teacher_label_acc"] is None else f"{100 * stats['teacher_label_acc']:.2f}%", labels.seconds,
-    )
-    return student_data, stats, shared
+class SelfTraining(Algorithm):
+    """Self-training on the engine: before the student's first epoch, a teacher labels
+    the unlabelled images and the surest join the labelled ones (see the module
+    docstring); the student then trains as the supervised method does.
+
+    Its options: ``teacher`` or ``teacher_epochs``, ``teacher_fraction``,
+    ``student_init``, and the labeller's ``pseudo_labeller`` and ``pseudo_threshold``.
+    Its state: the teacher's labels, saved in the run folder (``teacher_labels.pt``) and
+    read back when the run resumes; the teacher stage's own run folder (``teacher/``).
+    """
+
+    name = "self-training"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.stats: dict[str, Any] = {}  # the labelling's figures, for the log and the summary
+        self.shared: SharedFeatures | None = None  # the teacher's frozen-stage features, until the student takes them
+        self.student_init = cfg.student_init
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        semi = METHODS[cfg.method].uses_unlabelled
+        if cfg.teacher is not None and semi:
+            raise ConfigError(
+                f"--teacher labels the unlabelled images once, before training, and method {cfg.method} labels them "
+                "itself as it trains: use one of the two (with --teacher, a supervised method such as mixup or mbdml1)"
+            )
+        if cfg.teacher_epochs is not None:
+            if cfg.teacher is not None:
+                raise ConfigError("--teacher names a finished teacher and --teacher_epochs trains one in this run: drop one of the two")
+            if semi:
+                raise ConfigError(
+                    f"--teacher_epochs trains a teacher that labels the unlabelled images once, and method {cfg.method} labels "
+                    "them itself as it trains: use a supervised method such as mbdml1 or mixup, or drop --teacher_epochs"
+                )
+        if cfg.student_init == "teacher" and cfg.teacher is None and cfg.teacher_epochs is None:
+            raise ConfigError(
+                "--student_init teacher starts a self-training student from its teacher's weights, and this run has no "
+                "teacher: add --teacher FOLDER or --teacher_epochs N, or drop --student_init"
+            )
+
+    @classmethod
+    def applies_to(cls, cfg: RunConfig) -> bool:
+        return cfg.teacher is not None or cfg.teacher_epochs is not None
+
+    def prepare(self, trainer: Trainer, data: PreparedData) -> PreparedData:
+        """Label with the teacher (``--teacher``, or the teacher stage of
+        ``--teacher_epochs``, trained here first) and return the student's data. The
+        labels are saved in the run folder (by the main process); a resumed run reads them
+        back instead of labelling again. With ``--teacher_epochs`` the run folder holds the
+        teacher stage too: an interrupted run resumes in it, before the student has a
+        checkpoint of its own, so the configuration is saved first."""
+        cfg, run_dir, dist = trainer.cfg, trainer.run_dir, trainer.dist
+        if cfg.teacher_epochs is not None and not trainer.resume and dist.is_main:
+            trainer.folder.save_config(cfg)
+        path = run_dir / LABELS_FILE
+        teacher = None
+        if trainer.resume and path.is_file():
+            labels = TeacherLabels.load(path)
+        else:
+            teacher = train_teacher(cfg, data, run_dir) if cfg.teacher_epochs is not None else load_teacher(cfg, data, trainer.device)
+            labels = label_unlabelled(teacher, cfg, data, trainer.device, dist=dist)
+            if dist.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                labels.save(path)
+        student_data = with_teacher_labels(data, labels)
+        self.shared = None if teacher is None else student_features(teacher, data, student_data, labels)
+        del teacher
+        self.stats = labels.stats(data.unlabelled.labels)
+        teacher_summary = run_dir / TEACHER_DIR / "summary.json"  # written by the teacher stage of --teacher_epochs
+        if cfg.teacher_epochs is not None and teacher_summary.is_file():
+            summary = json.loads(teacher_summary.read_text())
+            final, epochs = summary.get("final", {}), summary.get("epochs") or 0
+            self.stats.update(teacher_epochs=epochs, teacher_train_s=(summary.get("train_seconds_per_epoch") or 0.0) * epochs,
+                              teacher_val_acc=final.get("val_acc"), teacher_test_acc=final.get("nngk_acc"))
+        log.info(
+            "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
+            labels.teacher, self.stats["teacher_n"], labels.unlabelled_count, 100 * self.stats["teacher_fraction_kept"],
+            "?" if self.stats["teacher_label_acc"] is None else f"{100 * self.stats['teacher_label_acc']:.2f}%", labels.seconds,
+        )
+        return student_data
+
+    def after_build(self, trainer: Trainer) -> None:
+        """``--student_init teacher``: the student starts from the teacher's network (not
+        when it resumes from its own checkpoint); the student's frozen-stage cache takes
+        the teacher's features over."""
+        if self.student_init == "teacher" and not trainer.restoring:
+            copied = start_from_teacher(trainer.model, trainer.method, trainer.cfg, trainer.run_dir)
+            log.info("the student starts from its teacher's network%s", f" and {', '.join(copied)}" if copied else "")
+        if self.shared is not None:
+            kept = self.shared.give_to(trainer.frozen_cache, trainer.cfg)
+            log.info("the student takes over the teacher's frozen-stage features of %d image sets", kept)
+            self.shared = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"self_training": self.stats} if self.stats else {}

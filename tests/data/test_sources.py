@@ -379,13 +379,19 @@ def test_worker_pool_gives_the_same_result(tmp_path: Path) -> None:
         load_image_folder(tmp_path, im_ext="png", num_workers=2)
 
 
-def test_many_files_use_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(decode, "_POOL_CHUNK", 4)
+def test_many_files_use_chunks(tmp_path: Path) -> None:
     make_png_folder(tmp_path, {"a": 7, "b": 6}, h=3, w=3)
     (tmp_path / "b" / "zz.png").write_bytes(b"junk")
-    one = load_image_folder(tmp_path, im_ext="png", num_workers=0, on_bad_image="skip")
-    two = load_image_folder(tmp_path, im_ext="png", num_workers=2, on_bad_image="skip")
-    assert len(one) == 13 and torch.equal(one.images, two.images) and torch.equal(one.labels, two.labels)
+    paths = sorted(str(p) for p in tmp_path.rglob("*.png"))  # 14 files: chunks of 4, 4, 4 and 2
+    one = decode.decode_files(paths, None, "skip", 0, chunk=4)
+    two = decode.decode_files(paths, None, "skip", 2, chunk=4)
+    assert len(one[0]) == 4  # one group per chunk (all images are 3 x 3)
+    for (size_1, pos_1, arr_1), (size_2, pos_2, arr_2) in zip(one[0], two[0], strict=True):
+        assert size_1 == size_2 == (3, 3) and np.array_equal(pos_1, pos_2) and np.array_equal(arr_1, arr_2)
+    assert sorted(int(p) for _, pos, _ in one[0] for p in pos) == [i for i, p in enumerate(paths) if not p.endswith("zz.png")]
+    assert [pos for pos, _ in one[1]] == [pos for pos, _ in two[1]] == [paths.index(str(tmp_path / "b" / "zz.png"))]
+    with pytest.raises(DataError, match="zz.png"):
+        decode.decode_files(paths, None, "error", 2, chunk=4)
 
 
 # --------------------------------------------------------------------------- the decoded cache

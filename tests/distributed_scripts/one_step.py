@@ -14,7 +14,8 @@ from mbdml import distributed as D
 from mbdml.config import make_config
 from mbdml.data.batches import Augmentation, BatchLoader
 from mbdml.models import set_batchnorm_eval
-from mbdml.train import build_components, prepare_data
+from mbdml.components import build_components
+from mbdml.training_data import prepare_data
 
 
 def one_step(method: str, batch: int, ctx: D.DistContext) -> dict:

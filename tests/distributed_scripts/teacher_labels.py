@@ -13,9 +13,9 @@ import sys
 import torch
 
 from mbdml import distributed as D
-from mbdml import self_training
+from mbdml import embedder, self_training
 from mbdml.config import make_config
-from mbdml.train import prepare_data
+from mbdml.training_data import prepare_data
 
 
 def main() -> None:
@@ -25,13 +25,13 @@ def main() -> None:
     cfg = make_config(**json.loads(open(config_path).read())).resolved()
     data = prepare_data(cfg)
     embedded = []
-    plain = self_training.compute_embeddings
+    plain = embedder.compute_embeddings
 
     def counting(model, images, **kw):
         embedded.append(len(images))
         return plain(model, images, **kw)
 
-    self_training.compute_embeddings = counting
+    embedder.compute_embeddings = counting
     labels = self_training.label_with_teacher(cfg, data, torch.device("cpu"), block=50, dist=ctx)
     per_rank = D.gather_objects(sum(embedded), ctx)
     if ctx.is_main:

@@ -33,7 +33,7 @@ ON_BAD_IMAGE_CHOICES = ("error", "skip")
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 # Below this many files decoding runs in this process: starting workers costs more.
 _POOL_MIN_FILES = 2048
-_POOL_CHUNK = 1024
+POOL_CHUNK = 1024  # files per task of the process pool
 
 # Decoded groups: ((H, W), positions in the file list, stacked (n, H, W, 3) arrays).
 Groups = list[tuple[tuple[int, int], np.ndarray, np.ndarray]]
@@ -204,15 +204,15 @@ def square(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 
 def decode_files(
     paths: list[str], size: tuple[int, int] | None, on_bad_image: str, num_workers: int | None,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, chunk: int = POOL_CHUNK,
 ) -> tuple[Groups, list[tuple[int, str]]]:
     """Decode ``paths`` (in a process pool when there are many), each resized to ``size`` (H, W)
-    when given; raise on a bad file in error mode. Returns the decoded groups and the
-    (position, reason) of every bad file."""
+    when given; raise on a bad file in error mode. Returns the decoded groups (per task of
+    ``chunk`` files and per image size) and the (position, reason) of every bad file."""
     n = len(paths)
     tasks = [
-        (list(range(s, min(s + _POOL_CHUNK, n))), paths[s : s + _POOL_CHUNK], size, max_pixels)
-        for s in range(0, n, _POOL_CHUNK)
+        (list(range(s, min(s + chunk, n))), paths[s : s + chunk], size, max_pixels)
+        for s in range(0, n, chunk)
     ]
     workers = min(_worker_count(n, num_workers), len(tasks))
     if workers >= 2 and multiprocessing.current_process().daemon:
