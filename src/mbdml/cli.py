@@ -5,6 +5,7 @@
     mbdml train --resume runs/mbdml2-digits-seed0-run0
     mbdml evaluate RUN_DIR [--dataset ...]
     mbdml embed RUN_DIR --out embeddings.npz
+    mbdml predict RUN_DIR photos/ --out predictions.csv
 
 Every flag of the authors' scripts is accepted with its meaning and a correct type
 (``--learning_rate`` and ``--sigma`` are floats, ``--tsne_graph`` a real boolean).
@@ -280,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
     p.add_argument("--image_size", type=int, default=None, help="only for runs saved before mbdml recorded their image size: the side in pixels")
 
+    p = sub.add_parser("predict", help="classify image files or folders with a trained run; one CSV row per image")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched at any depth")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default predictions.csv)")
+    p.add_argument("--min_confidence", type=finite_float, default=0.5, help="mark a prediction 'uncertain' below this probability (0 to 1; default 0.5)")
+    _add_image_reading_options(p)
+
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
@@ -297,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=("test", "train", "both"), default="test", help="which part of the data set to embed")
     p.add_argument("--device", default="auto")
     return parser
+
+
+def _add_image_reading_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that read image files with a run (predict, suggest)."""
+    p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
+    p.add_argument("--batch_size", type=int, default=256, help="images read and classified at a time (default 256)")
+    p.add_argument("--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default="error",
+                   help="an unreadable file: stop with its name (error, the default) or leave it out and count it (skip)")
+    p.add_argument("--max_image_pixels", type=optional_int, default=argparse.SUPPRESS,
+                   help="refuse image files of more pixels than this before decoding; none: no cap (default: the run's)")
+    p.add_argument("--image_size", type=int, default=None, help="only for runs saved before mbdml recorded their image size: the side in pixels")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -485,6 +506,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reading_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .predict import RUN_CAP
+
+    return {"batch_size": args.batch_size, "on_bad_image": args.on_bad_image, "image_size": args.image_size,
+            "max_image_pixels": getattr(args, "max_image_pixels", RUN_CAP), "progress": args.progress}
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import check_min_confidence, classify_files, open_run, write_predictions
+
+    check_min_confidence(args.min_confidence)
+    result = classify_files(open_run(args.run_dir, args.which, args.device), args.paths, **_reading_options(args))
+    out = write_predictions(result, args.out, args.min_confidence)
+    uncertain = int((result.probabilities.max(1).values < args.min_confidence).sum())
+    skipped = f"; {len(result.skipped)} unreadable file(s) skipped" if result.skipped else ""
+    print(f"wrote {out}: {len(result.files)} images, {uncertain} uncertain (probability below {args.min_confidence:g}){skipped}{result.conversions()}")
+    return 0
+
+
 def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any, Any]:
     from .data.sources import load_dataset
 
@@ -560,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, list(sys.argv[1:] if argv is None else argv))
-        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export}
+        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export,
+                    "predict": cmd_predict}
         return commands[args.command](args)
     except MbdmlError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
