@@ -6,6 +6,7 @@
     mbdml evaluate RUN_DIR [--dataset ...]
     mbdml embed RUN_DIR --out embeddings.npz
     mbdml predict RUN_DIR photos/ --out predictions.csv
+    mbdml suggest RUN_DIR --unlabelled photos/ --n 100
 
 Every flag of the authors' scripts is accepted with its meaning and a correct type
 (``--learning_rate`` and ``--sigma`` are floats, ``--tsne_graph`` a real boolean).
@@ -288,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_confidence", type=finite_float, default=0.5, help="mark a prediction 'uncertain' below this probability (0 to 1; default 0.5)")
     _add_image_reading_options(p)
 
+    p = sub.add_parser("suggest", help="the unlabelled images to label next: the least certain, spread over the embedding space")
+    p.add_argument("run_dir")
+    p.add_argument("--unlabelled", nargs="+", required=True, metavar="DIR", help="folders (or files) of unlabelled images")
+    p.add_argument("--n", type=int, default=100, help="how many images to suggest (default 100)")
+    p.add_argument("--out", default="suggestions.csv", help="the CSV to write (default suggestions.csv)")
+    p.add_argument("--copy_to", default=None, metavar="FOLDER", help="also copy the picks into this empty or new folder, as <rank>-<name>")
+    p.add_argument("--copy_into_nonempty", action="store_true", help="let --copy_to add to a folder that holds files (none is overwritten)")
+    p.add_argument("--candidates_per_pick", type=finite_float, default=5.0,
+                   help="picks are spread (farthest-first) over this many times n of the least certain images; 1: the least certain alone (default 5)")
+    _add_image_reading_options(p)
+
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
@@ -525,6 +537,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .predict import open_run
+    from .suggest import check_copy_folder, copy_suggestions, suggest, write_suggestions
+
+    if args.copy_to is not None:
+        check_copy_folder(args.copy_to, args.unlabelled, args.copy_into_nonempty)
+    picks = suggest(open_run(args.run_dir, args.which, args.device), args.unlabelled, args.n,
+                    candidates_per_pick=args.candidates_per_pick, **_reading_options(args))
+    copied = ""
+    if args.copy_to is not None:
+        copy_suggestions(picks, args.copy_to, args.copy_into_nonempty)
+        copied = f"; copied to {args.copy_to}"
+    out = write_suggestions(picks, args.out)
+    skipped = f"; {len(picks.skipped)} unreadable file(s) skipped" if picks.skipped else ""
+    print(f"wrote {out}: {len(picks.files)} of {picks.pool_size} images, spread over the {picks.candidates} least certain"
+          f"{copied}{skipped}{picks.conversions}")
+    return 0
+
+
 def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any, Any]:
     from .data.sources import load_dataset
 
@@ -601,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             return cmd_train(args, list(sys.argv[1:] if argv is None else argv))
         commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export,
-                    "predict": cmd_predict}
+                    "predict": cmd_predict, "suggest": cmd_suggest}
         return commands[args.command](args)
     except MbdmlError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
