@@ -533,7 +533,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = write_predictions(result, args.out, args.min_confidence)
     uncertain = int((result.probabilities.max(1).values < args.min_confidence).sum())
     skipped = f"; {len(result.skipped)} unreadable file(s) skipped" if result.skipped else ""
-    print(f"wrote {out}: {len(result.files)} images, {uncertain} uncertain (probability below {args.min_confidence:g}){skipped}{result.conversions()}")
+    print(f"wrote {out}: {len(result.files)} images, {uncertain} uncertain (probability below {args.min_confidence:g}){skipped}{result.conversions}")
     return 0
 
 

@@ -244,6 +244,7 @@ class Classified:
     made_grey: int = 0
     image_shape: tuple[int, int, int] = (0, 0, 0)
 
+    @property
     def conversions(self) -> str:
         """'; 12 resized to 8x8, 3 made grey' (empty when nothing was converted), for messages."""
         _, h, w = self.image_shape

@@ -150,7 +150,7 @@ def suggest(
         pool_size=len(found.files),
         candidates=min(len(found.files), max(n, math.ceil(candidates_per_pick * n))),
         skipped=found.skipped,
-        conversions=found.conversions(),
+        conversions=found.conversions,
     )
 
 
