@@ -20,8 +20,9 @@ The CSV has one row per readable image: ``file``, the predicted ``class`` and it
 ``probability_3``; empty for a run of two classes) and ``uncertain`` (true where the
 probability is below ``min_confidence``).
 
-The listing of image files in folders (:func:`image_files`) is this module's own until
-mbdml has a loader for folders of unlabelled images.
+Folders are listed as ``--unlabelled`` folders are (:func:`mbdml.data.unlabelled.list_image_files`),
+and files decoded as every loader decodes them (:func:`mbdml.data.decode.decode_one`), but
+a batch at a time, so that memory stays bounded however many images there are.
 """
 
 from __future__ import annotations
@@ -38,14 +39,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data.sources import (
-    _IMAGE_EXTENSIONS,
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ON_BAD_IMAGE_CHOICES,
-    _bad_image_error,
-    _decode_one,
-    check_max_image_pixels,
-)
+from .data.decode import DEFAULT_MAX_IMAGE_PIXELS, bad_image_error, check_max_image_pixels, check_on_bad_image, decode_one
+from .data.files import IMAGE_EXTENSIONS
+from .data.unlabelled import list_image_files
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings
 from .progress import progress_bar
@@ -105,7 +101,7 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
         if not p.exists():
             why = "is a symbolic link to nothing" if p.is_symlink() else "does not exist"
             raise DataError(f"'{given}' {why}; check the path (an image file or a folder of images)")
-        found = [p] if p.is_file() else _images_under(p) if p.is_dir() else None
+        found = [p] if p.is_file() else [Path(f[1]) for f in list_image_files(p, IMAGE_EXTENSIONS)] if p.is_dir() else None
         if found is None:
             raise DataError(f"'{given}' is neither a file nor a folder; name image files or folders of images")
         for f in found:
@@ -114,41 +110,6 @@ def image_files(paths: Sequence[str | Path]) -> list[Path]:
                 seen.add(key)
                 out.append(f)
     return out
-
-
-def _images_under(folder: Path) -> list[Path]:
-    found: list[Path] = []
-    others: dict[str, int] = {}
-    visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=_walk_error):
-        real = os.path.realpath(dirpath)
-        if real in visited:  # a link back to a folder already searched
-            dirnames[:] = []
-            continue
-        visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            ext = os.path.splitext(name)[1].lower()
-            if ext in _IMAGE_EXTENSIONS:
-                found.append(Path(dirpath) / name)
-            else:
-                others[ext or "(no extension)"] = others.get(ext or "(no extension)", 0) + 1
-    if not found:
-        held = ", ".join(f"{n} '{e}'" for e, n in sorted(others.items(), key=lambda kv: -kv[1])[:5])
-        what = f"it holds {held} files" if others else "it is empty"
-        raise DataError(
-            f"folder '{folder}' holds no image files in any of its sub-folders ({what}); "
-            f"put images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) there or name another folder"
-        )
-    if others:
-        log.info("left out %d file(s) under '%s' that are not images by their extension", sum(others.values()), folder)
-    return sorted(found)
-
-
-def _walk_error(exc: OSError) -> None:
-    raise DataError(f"cannot list folder '{exc.filename}' ({exc.strerror or exc}); check that it is readable")
 
 
 # ----------------------------------------------------------------- reading the files
@@ -186,10 +147,10 @@ def read_images(
     out = ReadImages(torch.empty((len(files), c, h, w), dtype=torch.uint8), [])
     for path in files:
         try:
-            rgb = _decode_one(str(path), None, max_image_pixels)  # (H, W, 3) uint8
+            rgb = decode_one(str(path), None, max_image_pixels)  # (H, W, 3) uint8
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
             if on_bad_image == "error":
-                raise _bad_image_error(str(path), f"{type(exc).__name__}: {exc}") from None
+                raise bad_image_error(str(path), f"{type(exc).__name__}: {exc}") from None
             out.skipped.append(path)
             continue
         im = Image.fromarray(rgb)
@@ -205,11 +166,6 @@ def read_images(
         out.files.append(path)
     out.images = out.images[: len(out.files)].contiguous()
     return out
-
-
-def check_on_bad_image(on_bad_image: str) -> None:
-    if on_bad_image not in ON_BAD_IMAGE_CHOICES:
-        raise ConfigError(f"on_bad_image={on_bad_image!r} is not known; pass --on-bad-image error or --on-bad-image skip")
 
 
 # ----------------------------------------------------------------- classifying
