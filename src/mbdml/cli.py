@@ -5,6 +5,8 @@
     mbdml train --resume runs/mbdml2-digits-seed0-run0
     mbdml evaluate RUN_DIR [--dataset ...]
     mbdml embed RUN_DIR --out embeddings.npz
+    mbdml predict RUN_DIR photos/ --out predictions.csv
+    mbdml suggest RUN_DIR --unlabelled photos/ --n 100
 
 Every flag of the authors' scripts is accepted with its meaning and a correct type
 (``--learning_rate`` and ``--sigma`` are floats, ``--tsne_graph`` a real boolean).
@@ -21,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RunConfig, make_config, option_specs, reader_for
+from .config import RunConfig, finite_float, make_config, optional_int, option_specs, reader_for
 from .errors import ConfigError, MbdmlError
 from .methods.groups import METHOD_GROUPS
 
@@ -105,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
     p.add_argument("--image_size", type=int, default=None, help="only for runs saved before mbdml recorded their image size: the side in pixels")
 
+    p = sub.add_parser("predict", help="classify image files or folders with a trained run; one CSV row per image")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched at any depth")
+    p.add_argument("--out", default="predictions.csv", help="the CSV to write (default predictions.csv)")
+    p.add_argument("--min_confidence", type=finite_float, default=0.5, help="mark a prediction 'uncertain' below this probability (0 to 1; default 0.5)")
+    _add_image_reading_options(p)
+
+    p = sub.add_parser("suggest", help="the unlabelled images to label next: the least certain, spread over the embedding space")
+    p.add_argument("run_dir")
+    p.add_argument("--unlabelled", nargs="+", required=True, metavar="DIR", help="folders (or files) of unlabelled images")
+    p.add_argument("--n", type=int, default=100, help="how many images to suggest (default 100)")
+    p.add_argument("--out", default="suggestions.csv", help="the CSV to write (default suggestions.csv)")
+    p.add_argument("--copy_to", default=None, metavar="FOLDER", help="also copy the picks into this empty or new folder, as <rank>-<name>")
+    p.add_argument("--copy_into_nonempty", action="store_true", help="let --copy_to add to a folder that holds files (none is overwritten)")
+    p.add_argument("--candidates_per_pick", type=finite_float, default=5.0,
+                   help="picks are spread (farthest-first) over this many times n of the least certain images; 1: the least certain alone (default 5)")
+    _add_image_reading_options(p)
+
     p = sub.add_parser("evaluate", help="re-evaluate a saved run on a data set")
     p.add_argument("run_dir")
     p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
@@ -122,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=("test", "train", "both"), default="test", help="which part of the data set to embed")
     p.add_argument("--device", default="auto")
     return parser
+
+
+def _add_image_reading_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that read image files with a run (predict, suggest)."""
+    p.add_argument("--which", choices=("best", "last"), default="best", help="best-on-validation or last checkpoint")
+    p.add_argument("--batch_size", type=int, default=256, help="images read and classified at a time (default 256)")
+    p.add_argument("--on-bad-image", "--on_bad_image", dest="on_bad_image", choices=("error", "skip"), default="error",
+                   help="an unreadable file: stop with its name (error, the default) or leave it out and count it (skip)")
+    p.add_argument("--max_image_pixels", type=optional_int, default=argparse.SUPPRESS,
+                   help="refuse image files of more pixels than this before decoding; none: no cap (default: the run's)")
+    p.add_argument("--image_size", type=int, default=None, help="only for runs saved before mbdml recorded their image size: the side in pixels")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (none is drawn when stderr is not a terminal)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -308,6 +341,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reading_options(args: argparse.Namespace) -> dict[str, Any]:
+    from .predict import RUN_CAP
+
+    return {"batch_size": args.batch_size, "on_bad_image": args.on_bad_image, "image_size": args.image_size,
+            "max_image_pixels": getattr(args, "max_image_pixels", RUN_CAP), "progress": args.progress}
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import check_min_confidence, classify_files, open_run, write_predictions
+
+    check_min_confidence(args.min_confidence)
+    result = classify_files(open_run(args.run_dir, args.which, args.device), args.paths, **_reading_options(args))
+    out = write_predictions(result, args.out, args.min_confidence)
+    uncertain = int((result.probabilities.max(1).values < args.min_confidence).sum())
+    skipped = f"; {len(result.skipped)} unreadable file(s) skipped" if result.skipped else ""
+    print(f"wrote {out}: {len(result.files)} images, {uncertain} uncertain (probability below {args.min_confidence:g}){skipped}{result.conversions}")
+    return 0
+
+
+def cmd_suggest(args: argparse.Namespace) -> int:
+    from .predict import open_run
+    from .suggest import check_copy_folder, copy_suggestions, suggest, write_suggestions
+
+    if args.copy_to is not None:
+        check_copy_folder(args.copy_to, args.unlabelled, args.copy_into_nonempty)
+    picks = suggest(open_run(args.run_dir, args.which, args.device), args.unlabelled, args.n,
+                    candidates_per_pick=args.candidates_per_pick, **_reading_options(args))
+    copied = ""
+    if args.copy_to is not None:
+        copy_suggestions(picks, args.copy_to, args.copy_into_nonempty)
+        copied = f"; copied to {args.copy_to}"
+    out = write_suggestions(picks, args.out)
+    skipped = f"; {len(picks.skipped)} unreadable file(s) skipped" if picks.skipped else ""
+    print(f"wrote {out}: {len(picks.files)} of {picks.pool_size} images, spread over the {picks.candidates} least certain"
+          f"{copied}{skipped}{picks.conversions}")
+    return 0
+
+
 def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any, Any]:
     from .data.sources import load_dataset
 
@@ -390,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args, list(sys.argv[1:] if argv is None else argv))
-        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export}
+        commands = {"compare": cmd_compare, "report": cmd_report, "evaluate": cmd_evaluate, "embed": cmd_embed, "export": cmd_export,
+                    "predict": cmd_predict, "suggest": cmd_suggest}
         return commands[args.command](args)
     except MbdmlError as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

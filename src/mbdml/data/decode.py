@@ -106,7 +106,7 @@ def _open_image(path: str, max_pixels: int | None) -> Any:
     return im
 
 
-def _decode_one(path: str, size: tuple[int, int] | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_one(path: str, size: tuple[int, int] | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode one file to an RGB uint8 (H, W, 3) array, resized to ``size`` (H, W) when given;
     raises on any problem."""
     from PIL import Image
@@ -144,7 +144,7 @@ def _decode_chunk(
     bad: list[tuple[int, str]] = []
     for pos, path in zip(positions, paths):
         try:
-            arr = _decode_one(path, size, max_pixels)
+            arr = decode_one(path, size, max_pixels)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
             bad.append((pos, f"{type(exc).__name__}: {exc}"))
             continue

@@ -35,7 +35,7 @@ from mbdml.errors import ConfigError, DataError
 
 logger = logging.getLogger("mbdml")
 
-__all__ = ["load_unlabelled_folder"]
+__all__ = ["load_unlabelled_folder", "list_image_files"]
 
 _CACHE_FORMAT = "mbdml-unlabelled-v1"
 _FIX = "put the unlabelled images in it (in any sub-folders), or leave the folder out"
@@ -54,7 +54,7 @@ def _check_size(image_size: int | tuple[int, int] | None) -> None:
     )
 
 
-def _list_images(root: Path, suffixes: frozenset[str]) -> list[tuple[str, str, int, int]]:
+def list_image_files(root: Path, suffixes: frozenset[str]) -> list[tuple[str, str, int, int]]:
     """(relative path, absolute path, size, mtime_ns) of every image file under ``root``, sorted.
 
     Folder links are followed once (a folder already seen, through a link that
@@ -152,7 +152,7 @@ def load_unlabelled_folder(
         root = root.resolve()
     except (OSError, RuntimeError):  # a link loop: reported below with what is wrong
         pass
-    files = _list_images(root, suffixes)
+    files = list_image_files(root, suffixes)
     size = square(image_size)
 
     cache_path: Path | None = None
