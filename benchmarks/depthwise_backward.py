@@ -47,11 +47,11 @@ def _layer_shapes(model: torch.nn.Module, size: int, freeze: int) -> list[tuple[
     shapes: list[tuple[int, int, int, int, int]] = []
     hooks = []
     for m in model.modules():
-        if isinstance(m, efficientnet.SameConv2d) and m._depthwise and m.weight.requires_grad:
+        if isinstance(m, efficientnet.SameConv2d) and m.is_depthwise and m.weight.requires_grad:
             def hook(mod, inp, out):  # noqa: ANN001
                 x = inp[0]
                 side = x.shape[-1]
-                if mod._dynamic:  # TensorFlow "SAME": the padding is added before the convolution
+                if mod.dynamic_padding:  # TensorFlow "SAME": the padding is added before the convolution
                     out_side = -(-side // mod.stride[0])
                     side = side + max((out_side - 1) * mod.stride[0] + mod.kernel_size[0] - side, 0)
                 shapes.append((x.shape[1], side, mod.kernel_size[0], mod.stride[0], mod.padding[0]))

@@ -124,7 +124,7 @@ def test_same_frozen_stages_compares_weights_and_statistics_of_the_frozen_part_o
     with torch.no_grad():
         a.head.weight.add_(1.0)  # a trainable layer: the frozen features stay the same
     assert same_frozen_stages(a, b)
-    bn = next(m for group in a._frozen for m in group.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn = next(m for group in a.frozen_modules for m in group.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.running_mean.add_(0.1)  # a frozen statistic: not the same features any more
     assert not same_frozen_stages(a, b)
     assert not same_frozen_stages(_model(1), _model(2))

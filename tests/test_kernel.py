@@ -233,8 +233,8 @@ def test_sparse_path_probe_works_when_first_used_without_gradients():
     for ctx in (torch.no_grad, torch.inference_mode):
         kernel_module._SAMPLED_DOT_PROBED.clear()
         with ctx():
-            assert kernel_module._sampled_dot_supported(torch.zeros(4, 3))
-    assert not kernel_module._sampled_dot_supported(torch.zeros(4, 3, dtype=torch.float16))
+            assert kernel_module.sampled_dot_supported(torch.zeros(4, 3))
+    assert not kernel_module.sampled_dot_supported(torch.zeros(4, 3, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("authors_floor", [True, False])

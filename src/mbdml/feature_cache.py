@@ -25,9 +25,9 @@ def same_frozen_stages(a: EmbeddingNet, b: EmbeddingNet) -> bool:
     number of frozen stages and equal weights and BatchNorm statistics in them (both
     start from the same pretrained weights, which freezing keeps). Then the frozen
     features one has computed are the other's too."""
-    if a.frozen_stages != b.frozen_stages or a.frozen_stages == 0 or len(a._frozen) != len(b._frozen):
+    if a.frozen_stages != b.frozen_stages or a.frozen_stages == 0 or len(a.frozen_modules) != len(b.frozen_modules):
         return False
-    for ma, mb in zip(a._frozen, b._frozen):
+    for ma, mb in zip(a.frozen_modules, b.frozen_modules):
         sa, sb = ma.state_dict(), mb.state_dict()
         if sa.keys() != sb.keys():
             return False

@@ -152,7 +152,7 @@ class _SampledDot(torch.autograd.Function):
         return _SampledDot.weighted_rows(grad_out, centres, idx), None, None
 
 
-def _sampled_dot_supported(centres: torch.Tensor) -> bool:
+def sampled_dot_supported(centres: torch.Tensor) -> bool:
     """Whether the SDDMM path serves these centres: float32/float64 on CPU or CUDA,
     confirmed once per device and dtype by a tiny probe (an older or partial sparse
     build falls back to gathering instead of failing mid-training)."""
@@ -542,7 +542,7 @@ class NNGKClassifier(nn.Module):
         k = neighbour_indices.shape[1]
         if centres.shape[0] <= 8 * k:
             path = "dense"
-        elif _sampled_dot_supported(centres):
+        elif sampled_dot_supported(centres):
             path = "sampled"
         else:
             path = "gathered"

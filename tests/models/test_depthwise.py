@@ -86,9 +86,9 @@ def test_rejects_a_weight_that_is_not_depthwise():
 
 
 def test_same_conv_routes_only_depthwise_layers():
-    assert SameConv2d(8, 8, 3, stride=2, groups=8)._depthwise
-    assert not SameConv2d(8, 16, 1)._depthwise
-    assert not SameConv2d(8, 8, 3, groups=2)._depthwise
+    assert SameConv2d(8, 8, 3, stride=2, groups=8).is_depthwise
+    assert not SameConv2d(8, 16, 1).is_depthwise
+    assert not SameConv2d(8, 8, 3, groups=2).is_depthwise
 
 
 def test_lite0_training_gradients_under_bfloat16_match_pytorch_backward(monkeypatch):
@@ -118,11 +118,11 @@ def test_lite0_training_gradients_under_bfloat16_match_pytorch_backward(monkeypa
 
 @pytest.mark.parametrize("depthwise,stride", [(False, 1), (True, 2), (True, 1)])
 def test_conv_bn_folds_batchnorm_in_eval_mode_with_the_same_values_and_gradients(depthwise, stride):
-    from mbdml.models.efficientnet import _bn, conv_bn
+    from mbdml.models.efficientnet import batch_norm, conv_bn
 
     torch.manual_seed(0)
     conv = SameConv2d(6, 6 if depthwise else 4, 3, stride=stride, groups=6 if depthwise else 1).double()
-    bn = _bn(conv.out_channels).double()
+    bn = batch_norm(conv.out_channels).double()
     with torch.no_grad():  # statistics and affine parameters far from the identity
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)

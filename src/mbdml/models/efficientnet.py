@@ -76,15 +76,15 @@ class SameConv2d(nn.Conv2d):
             groups=groups,
             bias=False,
         )
-        self._dynamic = not symmetric
-        self._depthwise = groups > 1 and groups == in_channels == out_channels
+        self.dynamic_padding = not symmetric
+        self.is_depthwise = groups > 1 and groups == in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.weight)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """This convolution with another weight (and a bias): the BatchNorm-folded form."""
-        if self._dynamic:
+        if self.dynamic_padding:
             pads = []
             for size, k, s in zip(
                 reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)
@@ -94,7 +94,7 @@ class SameConv2d(nn.Conv2d):
                 pads += [total // 2, total - total // 2]
             if any(pads):
                 x = F.pad(x, pads)
-        if self._depthwise:  # PyTorch's CPU backward of these is slow in bfloat16
+        if self.is_depthwise:  # PyTorch's CPU backward of these is slow in bfloat16
             return depthwise_conv2d(x, weight, self.stride[0], self.padding[0], bias)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -115,7 +115,7 @@ def conv_bn(conv: SameConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tens
     return conv.forward_with(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
 
 
-def _bn(channels: int) -> nn.BatchNorm2d:
+def batch_norm(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=_BN_MOMENTUM, eps=_BN_EPS)
 
 
@@ -143,11 +143,11 @@ class MBConvBlock(nn.Module):
         self.expand = expand
         if expand != 1:
             self._expand_conv = SameConv2d(in_ch, mid, 1)
-            self._bn0 = _bn(mid)
+            self._bn0 = batch_norm(mid)
         self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid)
-        self._bn1 = _bn(mid)
+        self._bn1 = batch_norm(mid)
         self._project_conv = SameConv2d(mid, out_ch, 1)
-        self._bn2 = _bn(out_ch)
+        self._bn2 = batch_norm(out_ch)
         self._relu = nn.ReLU6(inplace=True)
         self.use_skip = stride == 1 and in_ch == out_ch
         self.drop_rate = drop_rate
@@ -191,7 +191,7 @@ class EfficientNetLite(nn.Module):
             )
         self.arch = arch
         self._conv_stem = SameConv2d(in_channels, stem_channels, 3, stride=2)
-        self._bn0 = _bn(stem_channels)
+        self._bn0 = batch_norm(stem_channels)
         n_blocks = sum(s.repeats for s in stages)
         blocks: list[nn.Module] = []
         self._stage_sizes = tuple(spec.repeats for spec in stages)
@@ -209,7 +209,7 @@ class EfficientNetLite(nn.Module):
                 )
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(stages[-1].out_ch, head_channels, 1)
-        self._bn1 = _bn(head_channels)
+        self._bn1 = batch_norm(head_channels)
         self._relu = nn.ReLU6(inplace=True)
         self.feature_dim = head_channels
         self._init_weights()

@@ -47,7 +47,7 @@ class EmbeddingNet(nn.Module):
             self.embedding_dim = embedding_dim
         self.normalize = bool(normalize)
         self.frozen_stages = 0
-        self._frozen: list[nn.Module] = []
+        self.frozen_modules: list[nn.Module] = []
 
     def freeze_stages(self, n: int) -> "EmbeddingNet":
         """Keep the trunk's stem and its first ``n`` stages fixed; returns ``self``.
@@ -72,17 +72,17 @@ class EmbeddingNet(nn.Module):
                 f"freeze_stages must be a whole number from 0 to {n_max} for this network "
                 f"(the stem and up to {n_max} stages), got {n!r}"
             )
-        for module in self._frozen:  # undo an earlier call
+        for module in self.frozen_modules:  # undo an earlier call
             module.requires_grad_(True)
-        self._frozen = [m for group in groups[: n + 1] for m in group] if n > 0 else []
-        for module in self._frozen:
+        self.frozen_modules = [m for group in groups[: n + 1] for m in group] if n > 0 else []
+        for module in self.frozen_modules:
             module.requires_grad_(False)
         self.frozen_stages = n
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> "EmbeddingNet":
         super().train(mode)
-        for module in self._frozen:
+        for module in self.frozen_modules:
             module.eval()
         return self
 
