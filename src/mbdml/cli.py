@@ -385,7 +385,8 @@ def _data_for(run: Any, dataset: str | None, test_dir: str | None) -> tuple[Any,
     cfg = run.config
     spec = dataset or cfg.dataset
     train, test = load_dataset(spec, test_dir=test_dir or (None if dataset else cfg.test_dir), im_ext=cfg.im_ext, image_size=cfg.input_size,
-                               on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir, max_image_pixels=cfg.max_image_pixels)
+                               on_bad_image=cfg.on_bad_image, cache_dir=cfg.cache_dir, max_image_pixels=cfg.max_image_pixels,
+                               load_unlabelled=False)
     return train, test
 
 

@@ -3,13 +3,17 @@ rest, and how its training images are augmented."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from .config import RunConfig
 from .data import Augmentation, ImageSet, check_every_class_labelled, labelled_split, load_dataset, validation_split
+from .data.sources import detect_folder_kind, is_dataset_name
 from .errors import DataError
+
+log = logging.getLogger("mbdml")
 
 
 @dataclass
@@ -37,7 +41,13 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         on_bad_image=cfg.on_bad_image,
         cache_dir=cfg.cache_dir,
         max_image_pixels=cfg.max_image_pixels,
+        load_unlabelled=False,
     )
+    if detect_folder_kind_of(cfg) == "train-unlabelled-test":
+        log.warning(
+            "%s: its unlabelled/ folder is not used by training yet; the semi-supervised methods take their "
+            "unlabelled images from the labelled ones whose labels --labelled_fraction hides", cfg.dataset
+        )
     if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
         raise DataError(
             f"--num_classes {cfg.num_classes} disagrees with the data: {cfg.dataset} has {train_all.num_classes} classes "
@@ -54,6 +64,13 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         unlabelled_count=len(train_all) - len(labelled),
         unlabelled=train_all.subset(_complement(len(train_all), labelled)),
     )
+
+
+def detect_folder_kind_of(cfg: RunConfig) -> str | None:
+    """The kind of data folder ``cfg.dataset`` is (None for a named data set)."""
+    if is_dataset_name(cfg.dataset):
+        return None
+    return detect_folder_kind(cfg.dataset, cfg.test_dir)
 
 
 def _complement(n: int, chosen: torch.Tensor) -> torch.Tensor:
