@@ -25,6 +25,7 @@ from mbdml.cli import build_parser, config_from_args, main
 from mbdml.config import make_config
 from mbdml.run_folder import RunFolderLock
 from mbdml.train import Trainer
+from cli_helpers import error_line
 
 TINY = ["--width", "8", "--embedding_dim", "8", "--k", "10", "--batch_size", "32", "--retrieval_metrics", "False", "--no-progress"]
 DIGITS = ["--dataset", "digits", *TINY, "--labelled_fraction", "0.2"]
@@ -42,15 +43,6 @@ def run_cli(*argv: str, cwd: Path | None = None, max_file_bytes: int | None = No
                           env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=limit_file_size if max_file_bytes else None)
 
 
-def error_line(code: int, err: str, *needles: str) -> str:
-    """The one 'mbdml: error' line of a refused command, holding every needle."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("mbdml: error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from mbdml.evaluate import compute_embeddings
 from mbdml.export import export_run
 from mbdml.predict import classify_files, classify_images, image_files, open_run, read_images
 from mbdml.components import load_run
+from cli_helpers import error_line
 
 TINY = ["--width", "8", "--embedding_dim", "16", "--k", "20", "--batch_size", "32", "--retrieval_metrics", "False", "--no-progress"]
 
@@ -67,15 +68,6 @@ def direct_probabilities(run_dir: Path, images: torch.Tensor) -> torch.Tensor:
         return loaded.kernel.predict_log_proba(emb).exp()
 
 
-def error_line(code: int, err: str, *needles: str) -> str:
-    """The one 'mbdml: error' line of a refused command, holding every needle."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("mbdml: error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_probabilities_are_the_runs_and_the_exported_programs(run: Path, digits: torch.Tensor, tmp_path: Path, capsys) -> None:

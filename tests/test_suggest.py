@@ -15,6 +15,7 @@ from mbdml.data.sources import load_digits_builtin
 from mbdml.evaluate import compute_embeddings
 from mbdml.suggest import margins, spread_picks
 from mbdml.components import load_run
+from cli_helpers import error_line
 
 TINY = ["--width", "8", "--embedding_dim", "16", "--k", "20", "--batch_size", "32", "--retrieval_metrics", "False", "--no-progress"]
 
@@ -154,14 +155,6 @@ def test_picks_are_copied_for_labelling_without_overwriting(run: Path, pool: tor
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 5
 
 
-def error_line(code: int, err: str, *needles: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("mbdml: error")]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         max_image_pixels=cfg.max_image_pixels,
         load_unlabelled=False,
     )
-    if detect_folder_kind_of(cfg) == "train-unlabelled-test":
+    if not is_dataset_name(cfg.dataset) and detect_folder_kind(cfg.dataset, cfg.test_dir) == "train-unlabelled-test":
         log.warning(
             "%s: its unlabelled/ folder is not used by training yet; the semi-supervised methods take their "
             "unlabelled images from the labelled ones whose labels --labelled_fraction hides", cfg.dataset
@@ -64,13 +64,6 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         unlabelled_count=len(train_all) - len(labelled),
         unlabelled=train_all.subset(_complement(len(train_all), labelled)),
     )
-
-
-def detect_folder_kind_of(cfg: RunConfig) -> str | None:
-    """The kind of data folder ``cfg.dataset`` is (None for a named data set)."""
-    if is_dataset_name(cfg.dataset):
-        return None
-    return detect_folder_kind(cfg.dataset, cfg.test_dir)
 
 
 def _complement(n: int, chosen: torch.Tensor) -> torch.Tensor:
