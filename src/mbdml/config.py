@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 from .checkpoint import atomic_write
 from .data import Augmentation, RandAugment
-from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels, is_dataset_name
+from .data.sources import DEFAULT_MAX_IMAGE_PIXELS, UNLABELLED_LAYOUT, check_max_image_pixels, detect_folder_kind, is_dataset_name
 from .errors import ConfigError
 from .kernel import CLASS_FLOORS, NNGKClassifier
 from .methods import METHODS, MIXED_NEIGHBOURS, MIXUP_HEADS, PSEUDO_LABELLERS, MethodOptions
@@ -295,8 +295,15 @@ class RunConfig:
         parse=optional_int, check=lambda name, value: check_max_image_pixels(value),
     )
     cache_dir: str = _data(".cache/mbdml", "where decoded data sets are cached (default .cache/mbdml)")
-    labelled_fraction: float = _data(
-        0.1, "fraction of training images that keep their label (default 0.1; 1.0 with --data_dir)",
+    unlabelled: str | None = _data(
+        None, "a folder of images without labels (any nesting, any readable format, no class folders), pseudo-labelled "
+        "by the methods that use unlabelled images: mbdml_semi, mbdml1_semi, --teacher, --teacher_epochs",
+        single_run=True,
+    )
+    labelled_fraction: float | None = _data(
+        None, "fraction of the labelled training images that keep their label; the others are used as unlabelled "
+        "images (default 0.1, or 1.0 when real unlabelled images are given: --unlabelled, a data folder's unlabelled/, "
+        "or --data_dir)",
         check=fraction(True, False, "e.g. 0.1 for 10% of the training images"),
     )
     split: str = _data("random", "labelled subset: a seeded random draw, or disjoint folds", choices=SPLITS)
@@ -501,6 +508,13 @@ class RunConfig:
                 f"split_batch shares each batch between a clean and a mixed term, which only {', '.join(splitting)} "
                 f"have; method {self.method} does not split that way: drop --split_batch"
             )
+        if self.unlabelled is not None and not self.uses_unlabelled_images():
+            using = ", ".join(name for name, cls in METHODS.items() if cls.uses_unlabelled)
+            raise ConfigError(
+                f"--unlabelled {self.unlabelled}: method {self.method} trains on labelled images only and would not use "
+                f"them; choose a method that pseudo-labels them ({using}), or self-training (--teacher_epochs N, or "
+                "--teacher RUN), or drop --unlabelled"
+            )
         if self.freeze_stages > 0 and means_no_pretrained(self.pretrained):
             raise ConfigError(
                 f"freeze_stages {self.freeze_stages} would fix randomly initialised layers: it is for a pretrained "
@@ -508,6 +522,23 @@ class RunConfig:
             )
         if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
             raise ConfigError(f"mean and std must have the same length and std > 0, got mean={self.mean}, std={self.std}")
+
+    def uses_unlabelled_images(self) -> bool:
+        """Whether training uses images without labels: a semi-supervised method labels them
+        as it trains, self-training (--teacher, --teacher_epochs) labels them once."""
+        return METHODS[self.method].uses_unlabelled or self.teacher is not None or self.teacher_epochs is not None
+
+    def has_real_unlabelled_images(self) -> bool:
+        """Whether images without any label come with the data: --unlabelled, or a data
+        folder laid out as train/<class>/, unlabelled/, test/<class>/."""
+        if self.unlabelled is not None:
+            return True
+        return not is_dataset_name(self.dataset) and detect_folder_kind(self.dataset, self.test_dir) == UNLABELLED_LAYOUT
+
+    def default_labelled_fraction(self) -> float:
+        """What --labelled_fraction is when not given: labels are hidden (all but 10%) to
+        simulate unlabelled images only when no real ones come with the data."""
+        return 1.0 if self.has_real_unlabelled_images() else 0.1
 
     def method_options(self) -> MethodOptions:
         """The method's weights and choices (:class:`~mbdml.methods.MethodOptions` checks them)."""
@@ -539,6 +570,8 @@ class RunConfig:
             cfg.test_dir = absolute(cfg.test_dir)
         if cfg.teacher is not None:
             cfg.teacher = absolute(cfg.teacher)
+        if cfg.unlabelled is not None:
+            cfg.unlabelled = absolute(cfg.unlabelled)
         if isinstance(cfg.pretrained, str) and not means_no_pretrained(cfg.pretrained) and cfg.pretrained.strip().lower() not in ("true", "imagenet"):
             cfg.pretrained = absolute(cfg.pretrained)
         cfg.cache_dir = absolute(cfg.cache_dir)
@@ -556,6 +589,8 @@ class RunConfig:
             cfg.eval_every = cfg.update_interval
         if cfg.pseudo_start is None:
             cfg.pseudo_start = cfg.max_epochs // 4
+        if cfg.labelled_fraction is None:
+            cfg.labelled_fraction = cfg.default_labelled_fraction()
         if cfg.name is None:
             cfg.name = f"{cfg.method}-{Path(cfg.dataset).name or cfg.dataset}-seed{cfg.seed}-run{cfg.run}"
         return cfg.validate()

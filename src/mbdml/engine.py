@@ -379,7 +379,7 @@ class Trainer:
         log.info(
             "%s on %s: %d labelled training images (%d validation, %d unlabelled %s), %d test images, %d classes, device %s",
             cfg.method, cfg.dataset, n_centres, len(data.val), data.unlabelled_count,
-            "for pseudo-labels" if METHODS[cfg.method].uses_unlabelled else "unused", len(data.test), len(data.classes), self.device,
+            "for pseudo-labels" if cfg.uses_unlabelled_images() else "unused", len(data.test), len(data.classes), self.device,
         )
 
     def build(self) -> None:

@@ -21,6 +21,21 @@ from .kernel import NNGKClassifier
 from .methods import PSEUDO_LABELLERS
 
 
+def pseudo_label_hits(true_labels: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(right, known): how many pseudo-``labels`` equal the true label, among the images
+    whose true label is known (>= 0; a real unlabelled image has -1). A logged
+    diagnostic of the labelling, never used to choose anything."""
+    known = true_labels >= 0
+    return int((true_labels[known] == labels[known]).sum()), int(known.sum())
+
+
+def pseudo_label_accuracy(true_labels: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """The share of right pseudo-labels among the images of known true label
+    (:func:`pseudo_label_hits`); None when no true label is known (real unlabelled images)."""
+    right, known = pseudo_label_hits(true_labels, labels)
+    return right / known if known else None
+
+
 def labeller_probabilities(
     labeller: str,
     kernel: NNGKClassifier,

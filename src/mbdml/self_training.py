@@ -55,7 +55,7 @@ from .feature_cache import FrozenFeatureCache, same_frozen_stages
 from .kernel import NNGKClassifier
 from .methods import METHODS
 from .models import EmbeddingNet
-from .pseudo_labels import PseudoLabeller, select_pseudo_labels
+from .pseudo_labels import PseudoLabeller, pseudo_label_accuracy, select_pseudo_labels
 from .precision import resolve_amp
 from .training_data import PreparedData
 
@@ -82,9 +82,7 @@ class TeacherLabels:
     def stats(self, true_labels: torch.Tensor | None) -> dict[str, Any]:
         """Counts for the log and summary: how many were kept, and how many are right."""
         n = int(self.indices.numel())
-        right = None
-        if true_labels is not None and n:
-            right = float((true_labels[self.indices] == self.labels).float().mean())
+        right = None if true_labels is None else pseudo_label_accuracy(true_labels[self.indices], self.labels)
         return {
             "teacher": self.teacher,
             "teacher_n": n,
@@ -180,7 +178,8 @@ def teacher_config(cfg: RunConfig) -> RunConfig:
     the student's, trained ``teacher_epochs`` epochs on the labelled images alone,
     evaluated at its end."""
     n = int(cfg.teacher_epochs)
-    return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, student_init="pretrained", name="teacher", tsne_graph=False)
+    return dataclasses.replace(cfg, max_epochs=n, eval_every=n, teacher=None, teacher_epochs=None, unlabelled=None,
+                               student_init="pretrained", name="teacher", tsne_graph=False)
 
 
 def train_teacher(cfg: RunConfig, data: PreparedData, run_dir: Path) -> Teacher:
@@ -219,7 +218,10 @@ def label_unlabelled(teacher: Teacher, cfg: RunConfig, data: PreparedData, devic
     t0 = time.perf_counter()
     unl = data.unlabelled
     if unl is None or len(unl) == 0:
-        raise ConfigError("self-training needs unlabelled images to label; with --labelled_fraction 1 every image is labelled already")
+        raise ConfigError(
+            "self-training needs unlabelled images to label, and this run has none: give a folder of them "
+            "(--unlabelled DIR, or unlabelled/ beside train/ and test/), or hide labels (--labelled_fraction below 1)"
+        )
     tcfg, head = teacher.config, teacher.head
     if cfg.pseudo_labeller in ("head", "mean") and head is None:
         raise ConfigError(
@@ -416,7 +418,8 @@ class SelfTraining(Algorithm):
         log.info(
             "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
             labels.teacher, self.stats["teacher_n"], labels.unlabelled_count, 100 * self.stats["teacher_fraction_kept"],
-            "?" if self.stats["teacher_label_acc"] is None else f"{100 * self.stats['teacher_label_acc']:.2f}%", labels.seconds,
+            "how many unknown (no true labels)" if self.stats["teacher_label_acc"] is None else f"{100 * self.stats['teacher_label_acc']:.2f}%",
+            labels.seconds,
         )
         return student_data
 

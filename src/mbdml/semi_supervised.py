@@ -30,7 +30,7 @@ from .data.randaugment import RandAugment, randaugment_batch
 from .engine import Algorithm, Trainer
 from .errors import ConfigError
 from .methods import METHODS, PseudoBatch
-from .pseudo_labels import Labelled, PseudoLabeller, select_pseudo_labels
+from .pseudo_labels import Labelled, PseudoLabeller, pseudo_label_accuracy, pseudo_label_hits, select_pseudo_labels
 from .training_data import training_augmentation
 
 
@@ -178,7 +178,7 @@ class RefreshLabelling(PseudoLabelTraining):
         keep = select_pseudo_labels(labelled.confidence, labelled.labels, int(trainer.kernel.num_classes), share, self.threshold)
         self.kept = labelled[keep]
         n = int(keep.sum())
-        right = float((unl.labels.to(device)[self.kept.rows] == self.kept.labels).float().mean()) if n else None
+        right = pseudo_label_accuracy(unl.labels.to(device)[self.kept.rows], self.kept.labels)
         return {
             "pseudo_n": n, "pseudo_fraction": n / len(unl), "pseudo_label_acc": right, "pseudo_mean_conf": float(labelled.confidence.mean()),
             "pseudo_min_conf": float(self.kept.confidence.min()) if n else None, **extra,
@@ -221,14 +221,14 @@ class OnlineLabelling(PseudoLabelTraining):
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        self.counts = {"drawn": 0, "kept": 0, "right": 0}  # this epoch's, for the log
+        self.counts = {"drawn": 0, "kept": 0, "right": 0, "known": 0}  # this epoch's, for the log
 
     @classmethod
     def applies_to(cls, cfg: RunConfig) -> bool:
         return METHODS[cfg.method].uses_unlabelled and cfg.pseudo_online
 
     def start_epoch(self, trainer: Trainer, epoch: int) -> None:
-        self.counts = {"drawn": 0, "kept": 0, "right": 0}
+        self.counts = {"drawn": 0, "kept": 0, "right": 0, "known": 0}
 
     def draw(self, trainer: Trainer, batch_size: int, epoch: int) -> PseudoBatch | None:
         if epoch < self.start:
@@ -263,7 +263,9 @@ class OnlineLabelling(PseudoLabelTraining):
         rows = rows.to(trainer.device)
         self.counts["drawn"] += rows.numel()
         self.counts["kept"] += keep.numel()
-        self.counts["right"] += int((unl.labels.to(trainer.device)[rows[keep]] == lab[keep]).sum())  # a diagnostic only
+        right, known = pseudo_label_hits(unl.labels.to(trainer.device)[rows[keep]], lab[keep])  # a diagnostic only
+        self.counts["right"] += right
+        self.counts["known"] += known
         if keep.numel() == 0:
             return None
         if keep.numel() < rows.numel():
@@ -278,5 +280,5 @@ class OnlineLabelling(PseudoLabelTraining):
         """The share of drawn images confident enough, and how many of their labels are right."""
         if not counts.get("drawn"):
             return {}
-        kept = counts["kept"]
-        return {"pseudo_fraction": kept / counts["drawn"], "pseudo_label_acc": counts["right"] / kept if kept else None}
+        known = counts.get("known", 0.0)
+        return {"pseudo_fraction": counts["kept"] / counts["drawn"], "pseudo_label_acc": counts["right"] / known if known else None}

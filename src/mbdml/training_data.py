@@ -9,8 +9,16 @@ from dataclasses import dataclass
 import torch
 
 from .config import RunConfig
-from .data import Augmentation, ImageSet, check_every_class_labelled, labelled_split, load_dataset, validation_split
-from .data.sources import detect_folder_kind, is_dataset_name
+from .data import (
+    Augmentation,
+    ImageSet,
+    UnlabelledImages,
+    check_every_class_labelled,
+    load_dataset,
+    load_unlabelled_folder,
+    semi_supervised_split,
+)
+from .data.sources import UNLABELLED_LAYOUT, detect_folder_kind, is_dataset_name
 from .errors import DataError
 
 log = logging.getLogger("mbdml")
@@ -25,14 +33,26 @@ class PreparedData:
     test: ImageSet
     classes: list[str]
     unlabelled_count: int
-    # The training images whose labels are hidden. Only a semi-supervised method trains on
-    # them (with pseudo-labels); their true labels are used for nothing but a logged
+    # The unlabelled images: real ones (label -1) and the training images whose labels are
+    # hidden. Only a semi-supervised method or self-training trains on them (with
+    # pseudo-labels); the hidden true labels are used for nothing but a logged
     # diagnostic: how many of the pseudo-labels are right.
     unlabelled: ImageSet | None = None
 
 
 def prepare_data(cfg: RunConfig) -> PreparedData:
-    """Load the data set, draw the labelled split and the validation part (seeded)."""
+    """Load the data set and its unlabelled images, draw the labelled split and the
+    validation part (seeded).
+
+    Real unlabelled images (``--unlabelled``, a data folder's ``unlabelled/``) are
+    decoded only when the run uses unlabelled images. They join the training images
+    with the unknown label -1, so the validation part comes out of labelled images
+    only (:func:`~mbdml.data.split.semi_supervised_split`), and the unlabelled part is
+    they and the labelled images whose labels ``--labelled_fraction`` hides. Without
+    them the split is exactly the one of a fully labelled set.
+    """
+    uses_unlabelled = cfg.uses_unlabelled_images()
+    layout = not is_dataset_name(cfg.dataset) and detect_folder_kind(cfg.dataset, cfg.test_dir) == UNLABELLED_LAYOUT
     train_all, test = load_dataset(
         cfg.dataset,
         test_dir=cfg.test_dir,
@@ -41,35 +61,45 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         on_bad_image=cfg.on_bad_image,
         cache_dir=cfg.cache_dir,
         max_image_pixels=cfg.max_image_pixels,
-        load_unlabelled=False,
+        load_unlabelled=uses_unlabelled,
     )
-    if not is_dataset_name(cfg.dataset) and detect_folder_kind(cfg.dataset, cfg.test_dir) == "train-unlabelled-test":
-        log.warning(
-            "%s: its unlabelled/ folder is not used by training yet; the semi-supervised methods take their "
-            "unlabelled images from the labelled ones whose labels --labelled_fraction hides", cfg.dataset
+    if layout and not uses_unlabelled:
+        log.info(
+            "%s: its unlabelled/ images are not used: method %s trains on labelled images only (the semi-supervised "
+            "methods and self-training use them)", cfg.dataset, cfg.method,
         )
     if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
         raise DataError(
             f"--num_classes {cfg.num_classes} disagrees with the data: {cfg.dataset} has {train_all.num_classes} classes "
             f"({', '.join(train_all.classes[:10])}{'...' if train_all.num_classes > 10 else ''}); drop --num_classes or fix the folders"
         )
-    labelled = labelled_split(train_all.labels, cfg.labelled_fraction, cfg.seed, cfg.split, cfg.run)
-    train_idx, val_idx = validation_split(train_all.labels, labelled, cfg.val_fraction, cfg.seed)
-    check_every_class_labelled(train_all.labels, train_idx, train_all.num_classes, train_all.classes)
+    if cfg.unlabelled is not None:
+        train_all = _with_unlabelled_folder(train_all, cfg)
+    joined = train_all.with_unlabelled_appended()
+    fraction = cfg.labelled_fraction if cfg.labelled_fraction is not None else cfg.default_labelled_fraction()
+    split = semi_supervised_split(joined.labels, fraction, cfg.val_fraction, cfg.seed, cfg.split, cfg.run)
+    check_every_class_labelled(joined.labels, split.train, joined.num_classes, joined.classes)
     return PreparedData(
-        train=train_all.subset(train_idx),
-        val=train_all.subset(val_idx),
+        train=joined.subset(split.train),
+        val=joined.subset(split.val),
         test=test,
-        classes=list(train_all.classes),
-        unlabelled_count=len(train_all) - len(labelled),
-        unlabelled=train_all.subset(_complement(len(train_all), labelled)),
+        classes=list(joined.classes),
+        unlabelled_count=len(split.unlabelled),
+        unlabelled=joined.subset(split.unlabelled),
     )
 
 
-def _complement(n: int, chosen: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[torch.as_tensor(chosen, dtype=torch.long)] = False
-    return keep.nonzero().reshape(-1)
+def _with_unlabelled_folder(train: ImageSet, cfg: RunConfig) -> ImageSet:
+    """``train`` with the images of ``--unlabelled`` added to its unlabelled images, at its size."""
+    assert cfg.unlabelled is not None
+    found = load_unlabelled_folder(
+        cfg.unlabelled, train.image_size, cfg.on_bad_image, cfg.cache_dir, max_image_pixels=cfg.max_image_pixels,
+    ).like(train)
+    if train.unlabelled is not None and len(train.unlabelled):
+        before = train.unlabelled.like(train)
+        found = UnlabelledImages(torch.cat([before.images, found.images]), before.paths + found.paths)
+    log.info("%d unlabelled images from %s", len(found), cfg.unlabelled)
+    return ImageSet(train.images, train.labels, train.classes, unlabelled=found)
 
 
 def training_augmentation(cfg: RunConfig) -> Augmentation:

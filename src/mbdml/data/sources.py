@@ -59,6 +59,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_dataset",
     "detect_folder_kind",
+    "UNLABELLED_LAYOUT",
     "is_dataset_name",
     "check_max_image_pixels",
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -225,10 +226,13 @@ class FolderKind:
     load: Loader
 
 
+# The layout whose unlabelled images come with the data: train/<class>/, unlabelled/, test/<class>/.
+UNLABELLED_LAYOUT = "train-unlabelled-test"
+
 # Folder kind -> (test, loader), tried in this order: the first that matches loads the folder.
 FOLDER_KINDS: dict[str, FolderKind] = {
     # train/<class>/, unlabelled/ (images in any nesting), test/<class>/ (or --test)
-    "train-unlabelled-test": FolderKind(
+    UNLABELLED_LAYOUT: FolderKind(
         lambda p, t: has_sub_folder(p / "train") and _unlabelled_dir(p) is not None, _load_with_unlabelled
     ),
     # train/<class>/ and test/<class>/ (or --test)
