@@ -31,7 +31,6 @@ import csv
 import io
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -238,7 +237,7 @@ def classify_files(
     probs: list[torch.Tensor] = []
     embs: list[torch.Tensor] = []
     result = Classified([], torch.zeros(0), classes, image_shape=shape)
-    bar = progress_bar(desc="images", enabled=progress and sys.stderr.isatty(), total=len(files), unit="image")
+    bar = progress_bar(desc="images", enabled=progress, total=len(files), unit="image")
     try:
         for chunk in _chunks(files, batch_size):
             read = read_images(chunk, shape, on_bad_image=on_bad_image, max_image_pixels=cap)  # type: ignore[arg-type]
