@@ -167,3 +167,36 @@ def test_a_corrupt_summary_means_the_run_is_not_finished(folder, tmp_path, capsy
     again = json.loads(summary.read_text())
     assert again["final"] == good["final"] and again["epochs"] == 1  # finished from its checkpoint, not retrained
     assert {p: t for p, t in stamps(folder).items() if p in others} == others
+
+
+def test_cross_validated_compare_pairs_methods_by_fold_and_never_evaluates_the_test_set(tmp_path):
+    """--cv 3: every run trains three times, each validating on a different third of the
+    labelled images (together: all of them, once each); no test figure is computed; the
+    methods are paired by (run, fold)."""
+    from mbdml.report import collect_runs, paired_comparisons
+    from mbdml.training_data import prepare_data
+
+    out = tmp_path / "cv"
+    cfg = base(tmp_path, max_epochs=1, cv_folds=3)
+    compare(cfg, ["digits"], ["nngk", "mixup"], runs=1, results_dir=out, progress=False)
+    folders = sorted(p.name for p in (out / "digits" / "nngk").iterdir() if p.is_dir())
+    assert folders == ["run0-fold0", "run0-fold1", "run0-fold2"]
+    for name in folders:
+        summary = json.loads((out / "digits" / "nngk" / name / "summary.json").read_text())
+        assert summary["final"]["val_acc"] is not None and summary["final"]["nngk_acc"] is None and summary["test"] == 0
+    # the three validation parts are disjoint and cover the labelled images of run 0
+    one = prepare_data(dataclasses.replace(cfg, cv_folds=None).resolved())
+    vals = [prepare_data(dataclasses.replace(cfg, cv_fold=f).resolved()).val.images for f in range(3)]
+    assert sum(len(v) for v in vals) == len(one.train) + len(one.val)
+    seen = {bytes(img.numpy()) for v in vals for img in v}
+    assert len(seen) == sum(len(v) for v in vals)
+    paired = paired_comparisons(collect_runs(out), reference="nngk")
+    diff = paired[("mixup", "digits")]
+    assert diff["val"].n == 3 and diff["test"] is None
+    from mbdml.report import report_text
+
+    text = report_text(out)
+    assert "cross-validation accuracy" in text and "over 3 folds" in text
+    # a cross-validated folder refuses a plain comparison, naming the setting
+    with pytest.raises(ConfigError, match="cv_folds"):
+        compare(base(tmp_path, max_epochs=1), ["digits"], ["nngk"], runs=1, results_dir=out, progress=False)

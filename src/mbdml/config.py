@@ -312,6 +312,14 @@ class RunConfig:
         0.1, "fraction of the labelled images held out for model selection (default 0.1)",
         check=fraction(False, True, "e.g. 0.1, or 0 for no validation images"),
     )
+    cv_folds: int | None = _data(
+        None, "cross-validation over the labelled images: cut each class's labelled images into this many folds, "
+        "validate on fold --cv_fold and train on the others; the test set is not evaluated, so that settings are chosen "
+        "on the labelled images alone ('mbdml compare --cv N' trains every fold and pairs the methods by fold) "
+        "(default none: no cross-validation, --val_fraction holds out the validation images)",
+        flags=("--cv_folds", "--cv"), parse=optional_int, check=whole(2, " (folds)", "pass none for no cross-validation"),
+    )
+    cv_fold: int = _data(0, "the fold validated on with --cv_folds: 0 .. cv_folds - 1 (default 0)", single_run=True, check=whole(0))
     # model
     model: str = _model("resnet_small", "backbone (default resnet_small)", choices=MODEL_NAMES)
     width: int = _model(32, "base channels of resnet_small (default 32)", check=whole(1))
@@ -508,6 +516,8 @@ class RunConfig:
                 f"split_batch shares each batch between a clean and a mixed term, which only {', '.join(splitting)} "
                 f"have; method {self.method} does not split that way: drop --split_batch"
             )
+        if self.cv_folds is not None and self.cv_fold >= self.cv_folds:
+            raise ConfigError(f"cv_fold {self.cv_fold} is outside 0..{self.cv_folds - 1} for {self.cv_folds}-fold cross-validation; pass --cv_fold 0 to {self.cv_folds - 1}")
         if self.unlabelled is not None and not self.uses_unlabelled_images():
             using = ", ".join(name for name, cls in METHODS.items() if cls.uses_unlabelled)
             raise ConfigError(
@@ -593,6 +603,8 @@ class RunConfig:
             cfg.labelled_fraction = cfg.default_labelled_fraction()
         if cfg.name is None:
             cfg.name = f"{cfg.method}-{Path(cfg.dataset).name or cfg.dataset}-seed{cfg.seed}-run{cfg.run}"
+            if cfg.cv_folds is not None:
+                cfg.name += f"-fold{cfg.cv_fold}"
         return cfg.validate()
 
     def with_data(self, channels: int, image_side: int) -> "RunConfig":

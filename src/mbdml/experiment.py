@@ -70,10 +70,16 @@ class Job:
     run: int
     config: RunConfig
     run_dir: Path
+    fold: int | None = None  # the cross-validation fold (--cv), or None
 
     @property
     def label(self) -> str:
-        return f"{dataset_key(self.dataset)}/{self.method}/run{self.run}"
+        return f"{dataset_key(self.dataset)}/{self.method}/{run_folder_name(self.run, self.fold)}"
+
+
+def run_folder_name(run: int, fold: int | None = None) -> str:
+    """``run<r>``, or ``run<r>-fold<f>`` for fold f of a cross-validated comparison."""
+    return f"run{run}" if fold is None else f"run{run}-fold{fold}"
 
 
 def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, results_dir: str | Path) -> list[Job]:
@@ -92,18 +98,21 @@ def plan(base: RunConfig, datasets: list[str], methods: list[str], runs: int, re
     for dataset in datasets:
         for run in range(runs):
             for method in methods:
-                run_dir = results_dir / dataset_key(dataset) / method / f"run{run}"
-                jobs.append(Job(dataset, method, run, job_config(base, dataset, method, run), run_dir))
+                for fold in range(base.cv_folds) if base.cv_folds is not None else [None]:
+                    run_dir = results_dir / dataset_key(dataset) / method / run_folder_name(run, fold)
+                    jobs.append(Job(dataset, method, run, job_config(base, dataset, method, run, fold), run_dir, fold))
     return jobs
 
 
-def job_config(base: RunConfig, dataset: str, method: str, run: int) -> RunConfig:
-    """The resolved configuration of run ``run`` of ``method`` on ``dataset`` in a comparison
-    with the settings ``base`` (see :func:`plan`), checked whole (:func:`mbdml.train.check_config`)."""
+def job_config(base: RunConfig, dataset: str, method: str, run: int, fold: int | None = None) -> RunConfig:
+    """The resolved configuration of run ``run`` (fold ``fold`` of a cross-validated one) of
+    ``method`` on ``dataset`` in a comparison with the settings ``base`` (see :func:`plan`),
+    checked whole (:func:`mbdml.train.check_config`). The folds of a run share its labelled split."""
     from .methods import METHODS
     from .train import check_config
 
-    cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run, name=f"run{run}", progress=False)
+    cfg = dataclasses.replace(base, method=method, dataset=dataset, run=run, seed=base.seed + run,
+                              name=run_folder_name(run, fold), progress=False, cv_fold=fold or 0)
     if base.teacher is not None:
         cfg = dataclasses.replace(cfg, teacher=teacher_for_run(base.teacher, dataset, run, base.seed + run))
     if method in METHODS and not METHODS[method].uses_unlabelled:
@@ -164,7 +173,7 @@ def check_results_dir(base: RunConfig, results_dir: str | Path) -> None:
     for config in sorted(root.glob("*/*/run*/config.json")):
         saved = RunConfig.load(config)
         try:
-            ours = job_config(base, saved.dataset, saved.method, saved.run)
+            ours = job_config(base, saved.dataset, saved.method, saved.run, saved.cv_fold if saved.cv_folds is not None else None)
         except MbdmlError:  # a method this version does not have, say
             found = {"method": (saved.method, "a method this version knows")}
         else:
@@ -316,7 +325,7 @@ def write_outputs(results_dir: str | Path, records: list[Any] | None = None, ref
     paths = write_report(results_dir, reference=reference, records=records)
     curves: dict[str, dict[str, list[list[dict[str, Any]]]]] = {}
     for rec in records:
-        metrics = results_dir / rec.dataset / rec.method / f"run{rec.run}" / "metrics.csv"
+        metrics = results_dir / rec.dataset / rec.method / run_folder_name(rec.run, rec.fold) / "metrics.csv"
         if metrics.is_file():
             with open(metrics, newline="") as f:
                 curves.setdefault(rec.dataset, {}).setdefault(rec.method, []).append(list(csv.DictReader(f)))

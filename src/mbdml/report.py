@@ -95,7 +95,16 @@ _METRIC_NAMES = {
     "map_at_r": "MAP@R",
     "nmi": "NMI",
     "val_acc": "validation accuracy",
+    "cv_acc": "cross-validation accuracy (NNGK, on the held-out fold)",
 }
+
+
+def _table_metric(records: Sequence[RunRecord], metric: str) -> tuple[str, str]:
+    """(the figure the mean ± std tables hold, its name): ``metric`` on the test set, or for a
+    cross-validated comparison (runs in folds, no test set) the validation accuracy of each fold."""
+    if any(r.fold is not None for r in records):
+        return "val_acc", "cv_acc"
+    return metric, metric
 
 # The paper's results: (mean, std) in percent, per method and data set.
 PAPER_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "mnist", "flowers17")
@@ -130,7 +139,7 @@ RUNS_CSV_COLUMNS: tuple[str, ...] = (
     "seconds",
 )
 
-_RUN_DIR = re.compile(r"run(\d+)")
+_RUN_DIR = re.compile(r"run(\d+)(?:-fold(\d+))?")  # run<r>, or run<r>-fold<f> (cross-validation)
 
 
 # ----------------------------------------------------------------------------- records
@@ -145,6 +154,16 @@ class RunRecord:
     run: int
     summary: dict[str, Any]
     environment: dict[str, Any] = field(default_factory=dict)  # the run's environment.json, when readable
+    fold: int | None = None  # the cross-validation fold, or None
+
+    @property
+    def key(self) -> Any:
+        """What pairs this run with another method's: its run (its labelled split), and its fold."""
+        return self.run if self.fold is None else (self.run, self.fold)
+
+    @property
+    def name(self) -> str:
+        return f"{self.run}" if self.fold is None else f"{self.run}-fold{self.fold}"
 
 
 @dataclass
@@ -155,7 +174,7 @@ class Cell:
     std: float
     n: int
     values: list[float] = field(default_factory=list)
-    runs: list[int] = field(default_factory=list)  # the run index of each value (its split), when known
+    runs: list[Any] = field(default_factory=list)  # the run of each value (its split; with its fold under --cv), when known
 
 
 def _load_summary(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -199,6 +218,7 @@ def collect_runs(results_dir: str | Path, keep: Callable[[str, str, int], bool] 
         if m is None or not path.is_file():
             continue
         dataset, method, run = path.parents[2].name, path.parents[1].name, int(m.group(1))
+        fold = None if m.group(2) is None else int(m.group(2))
         if keep is not None and not keep(dataset, method, run):
             continue
         found += 1
@@ -206,14 +226,14 @@ def collect_runs(results_dir: str | Path, keep: Callable[[str, str, int], bool] 
         if summary is None:
             log.warning("skipping %s: %s; run the same 'mbdml compare' command again to redo that run", path, why)
             continue
-        records.append(RunRecord(dataset, method, run, summary, _environment(path.parent)))
+        records.append(RunRecord(dataset, method, run, summary, _environment(path.parent), fold))
     if not records:
         detail = f"its {found} summary.json files are all unreadable" if found else "it holds no <dataset>/<method>/run<r>/summary.json"
         raise DataError(
             f"no run summaries in {root}: {detail}; run `mbdml compare` with this results folder first, "
             "or give the folder it wrote"
         )
-    records.sort(key=lambda r: (r.dataset, r.method, r.run))
+    records.sort(key=lambda r: (r.dataset, r.method, r.run, -1 if r.fold is None else r.fold))
     return records
 
 
@@ -261,7 +281,7 @@ def aggregate(records: Iterable[RunRecord], selection: str = "final", metric: st
     for r in records:
         v = _lookup(r.summary, selection, metric)
         if v is not None:
-            groups.setdefault((r.method, r.dataset), []).append((r.run, v))
+            groups.setdefault((r.method, r.dataset), []).append((r.key, v))
     return {key: _cell([v for _, v in sorted(runs)], [r for r, _ in sorted(runs)]) for key, runs in sorted(groups.items())}
 
 
@@ -482,8 +502,8 @@ def paired_comparisons(
     figures: dict[tuple[str, str], dict[str, dict[int, float | None]]] = {}
     for r in records:
         f = figures.setdefault((r.method, r.dataset), {"val": {}, "test": {}})
-        f["val"][r.run] = _lookup(r.summary, selection, "val_acc")
-        f["test"][r.run] = _lookup(r.summary, selection, metric)
+        f["val"][r.key] = _lookup(r.summary, selection, "val_acc")
+        f["test"][r.key] = _lookup(r.summary, selection, metric)
     out: dict[tuple[str, str], dict[str, PairedDifference | None]] = {}
     for (method, ds), f in sorted(figures.items()):
         ref = figures.get((reference, ds))
@@ -506,8 +526,8 @@ def paired_between(
         out: dict[tuple[str, str], dict[str, dict[int, float | None]]] = {}
         for r in recs:
             f = out.setdefault((r.method, r.dataset), {"val": {}, "test": {}})
-            f["val"][r.run] = _lookup(r.summary, selection, "val_acc")
-            f["test"][r.run] = _lookup(r.summary, selection, metric)
+            f["val"][r.key] = _lookup(r.summary, selection, "val_acc")
+            f["test"][r.key] = _lookup(r.summary, selection, metric)
         return out
 
     ours, theirs = figures(records), figures(others)
@@ -587,7 +607,8 @@ def _paired_title(selection: str, reference: str, metric: str) -> str:
 
 def _title(selection: str, metric: str, cells: Mapping[tuple[str, str], Cell]) -> str:
     ns = sorted({c.n for c in cells.values()})
-    runs = "" if not ns else f" over {ns[0]} run{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f" over {ns[0]}-{ns[-1]} runs"
+    unit = "fold" if metric == "cv_acc" else "run"
+    runs = "" if not ns else f" over {ns[0]} {unit}{'s' if ns[0] != 1 else ''}" if len(ns) == 1 else f" over {ns[0]}-{ns[-1]} {unit}s"
     return f"{_METRIC_NAMES.get(metric, metric)} (%) of the {_SELECTION_TITLES[selection]}: mean ± std{runs}"
 
 
@@ -605,7 +626,7 @@ def _runs_csv(records: Sequence[RunRecord]) -> str:
         bv = s.get("best_val") if isinstance(s.get("best_val"), Mapping) else {}
         ab = s.get("authors_best_on_test") if isinstance(s.get("authors_best_on_test"), Mapping) else {}
         w.writerow(
-            [r.dataset, r.method, r.run, val(s.get("seed")), val(s.get("epochs"))]
+            [r.dataset, r.method, r.name, val(s.get("seed")), val(s.get("epochs"))]
             + [val(fin.get(k)) for k in ("nngk_acc", "knn_acc", "precision_at_1", "map_at_r", "nmi")]
             + [val(bv.get("epoch")), val(bv.get("nngk_acc")), val(ab.get("nngk_acc")), val(s.get("seconds"))]
         )
@@ -634,9 +655,10 @@ def write_report(
         raise DataError(f"cannot create the report folder {out} ({e}); give a writable --out folder") from e
     ext = {"md": "markdown", "csv": "csv", "tex": "latex", "txt": "text"}
     files: dict[str, str] = {}
+    table_metric, name = _table_metric(records, metric)
     for selection in ("final", "best_val"):
-        cells = aggregate(records, selection, metric)
-        title = _title(selection, metric, cells)
+        cells = aggregate(records, selection, table_metric)
+        title = _title(selection, name, cells)
         for suffix, style in ext.items():
             files[f"table_{selection}.{suffix}"] = format_table(cells, style=style, title=title)
     cells = aggregate(records, "authors_best_on_test", "nngk_acc")
@@ -667,9 +689,10 @@ def report_text(
     if records is None:
         records = collect_runs(results_dir)
     parts = []
+    table_metric, name = _table_metric(records, metric)
     for selection in ("final", "best_val"):
-        cells = aggregate(records, selection, metric)
-        parts.append(format_table(cells, style="text", title=_title(selection, metric, cells)))
+        cells = aggregate(records, selection, table_metric)
+        parts.append(format_table(cells, style="text", title=_title(selection, name, cells)))
         paired = paired_comparisons(records, reference, selection, metric)
         parts.append(format_paired(paired, reference, style="text", title=_paired_title(selection, reference, metric)))
     return "\n".join(parts)

@@ -375,7 +375,8 @@ def summarise(
     """The run's summary.json: the final model, the model chosen on validation data and
     the authors' best-on-test, with ``sizes`` (labelled_train, validation, test) and
     ``extra`` entries (what the training algorithm adds, times, processes, the folder)."""
-    evaluated = [r for r in history if r.get("test_acc") is not None]
+    # evaluated epochs: with a test figure, or with a validation figure only (cross-validation has no test set)
+    evaluated = [r for r in history if r.get("test_acc") is not None or r.get("val_acc") is not None]
     final = evaluated[-1] if evaluated else {}
     by_epoch = {r["epoch"]: r for r in evaluated}
     chosen = by_epoch.get(best.get("val_epoch"), {})

@@ -14,6 +14,7 @@ from .data import (
     ImageSet,
     UnlabelledImages,
     check_every_class_labelled,
+    cross_validation_split,
     load_dataset,
     load_unlabelled_folder,
     semi_supervised_split,
@@ -78,10 +79,17 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     joined = train_all.with_unlabelled_appended()
     fraction = cfg.labelled_fraction if cfg.labelled_fraction is not None else cfg.default_labelled_fraction()
     split = semi_supervised_split(joined.labels, fraction, cfg.val_fraction, cfg.seed, cfg.split, cfg.run)
-    check_every_class_labelled(joined.labels, split.train, joined.num_classes, joined.classes)
+    train_idx, val_idx = split.train, split.val
+    if cfg.cv_folds is not None:
+        # The fold's validation images come out of all the labelled ones; the test set is left out.
+        train_idx, val_idx = cross_validation_split(joined.labels, torch.cat([split.train, split.val]), cfg.cv_folds, cfg.cv_fold, cfg.seed)
+        log.info("cross-validation: fold %d of %d validates on %d labelled images; the test set is not evaluated",
+                 cfg.cv_fold, cfg.cv_folds, len(val_idx))
+        test = test.subset(torch.zeros(0, dtype=torch.long))
+    check_every_class_labelled(joined.labels, train_idx, joined.num_classes, joined.classes)
     return PreparedData(
-        train=joined.subset(split.train),
-        val=joined.subset(split.val),
+        train=joined.subset(train_idx),
+        val=joined.subset(val_idx),
         test=test,
         classes=list(joined.classes),
         unlabelled_count=len(split.unlabelled),

@@ -34,6 +34,7 @@ from mbdml.data.split import (
     SPLIT_MODES,
     SemiSupervisedSplit,
     check_every_class_labelled,
+    cross_validation_split,
     labelled_split,
     semi_supervised_split,
     validation_split,
@@ -73,5 +74,6 @@ __all__ = [
     "randaugment_batch",
     "resize_images",
     "semi_supervised_split",
+    "cross_validation_split",
     "unpack_cifar10_archive",
 ]
