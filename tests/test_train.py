@@ -383,7 +383,7 @@ def test_online_labelling_keeps_the_drawn_images_the_labeller_is_sure_of(tmp_pat
     by_row = {int(r): (int(y), n) for r, y, n in zip(drawn, want, k.neighbours(emb))}
     assert all(int(y) == by_row[int(r)][0] and torch.equal(n, by_row[int(r)][1]) for r, y, n in zip(rows, labels, nbrs))
     right = int((unl.labels[drawn[sure]] == want[sure]).sum())  # the hidden labels: a logged diagnostic only
-    assert online.epoch_counts() == {"drawn": 64, "kept": int(sure.sum()), "right": right}
+    assert online.epoch_counts() == {"drawn": 64, "kept": int(sure.sum()), "right": right, "known": int(sure.sum())}  # every hidden label is known
     never_sure = OnlineLabelling(dataclasses.replace(trainer.cfg, pseudo_threshold=1.0))
     assert never_sure.label_drawn(trainer, 64) is None  # the mean with the head's softmax never reaches 1: nothing is sure
 
