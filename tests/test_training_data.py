@@ -75,7 +75,7 @@ def test_a_method_without_unlabelled_images_leaves_the_folder_alone_and_says_so(
     (root / "unlabelled" / "broken.png").write_bytes(b"not an image")  # never decoded
     with caplog.at_level(logging.INFO, logger="mbdml"):
         data = prepare_data(config(root, tmp_path, method="nngk"))
-    assert "unlabelled/ images are not used: method nngk trains on labelled images only" in caplog.text
+    assert "are not used: method nngk trains on labelled images only" in caplog.text
     assert data.unlabelled_count == 0 and len(data.train) + len(data.val) == 20
 
 

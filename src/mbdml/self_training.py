@@ -416,9 +416,9 @@ class SelfTraining(Algorithm):
             self.stats.update(teacher_epochs=epochs, teacher_train_s=(summary.get("train_seconds_per_epoch") or 0.0) * epochs,
                               teacher_val_acc=final.get("val_acc"), teacher_test_acc=final.get("nngk_acc"))
         log.info(
-            "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s right, in %.1fs",
+            "teacher %s labelled %d of %d unlabelled images (%.1f%%), %s, in %.1fs",
             labels.teacher, self.stats["teacher_n"], labels.unlabelled_count, 100 * self.stats["teacher_fraction_kept"],
-            "how many unknown (no true labels)" if self.stats["teacher_label_acc"] is None else f"{100 * self.stats['teacher_label_acc']:.2f}%",
+            "none of known class to check" if self.stats["teacher_label_acc"] is None else f"{100 * self.stats['teacher_label_acc']:.2f}% right",
             labels.seconds,
         )
         return student_data

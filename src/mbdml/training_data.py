@@ -19,7 +19,6 @@ from .data import (
     load_unlabelled_folder,
     semi_supervised_split,
 )
-from .data.sources import UNLABELLED_LAYOUT, detect_folder_kind, is_dataset_name
 from .errors import DataError
 
 log = logging.getLogger("mbdml")
@@ -53,7 +52,6 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     them the split is exactly the one of a fully labelled set.
     """
     uses_unlabelled = cfg.uses_unlabelled_images()
-    layout = not is_dataset_name(cfg.dataset) and detect_folder_kind(cfg.dataset, cfg.test_dir) == UNLABELLED_LAYOUT
     train_all, test = load_dataset(
         cfg.dataset,
         test_dir=cfg.test_dir,
@@ -64,17 +62,17 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         max_image_pixels=cfg.max_image_pixels,
         load_unlabelled=uses_unlabelled,
     )
-    if layout and not uses_unlabelled:
+    if not uses_unlabelled and cfg.has_real_unlabelled_images():
         log.info(
-            "%s: its unlabelled/ images are not used: method %s trains on labelled images only (the semi-supervised "
-            "methods and self-training use them)", cfg.dataset, cfg.method,
+            "the unlabelled images of %s are not used: method %s trains on labelled images only (the semi-supervised "
+            "methods and self-training use them)", cfg.unlabelled or cfg.dataset, cfg.method,
         )
     if cfg.num_classes is not None and cfg.num_classes != train_all.num_classes:
         raise DataError(
             f"--num_classes {cfg.num_classes} disagrees with the data: {cfg.dataset} has {train_all.num_classes} classes "
             f"({', '.join(train_all.classes[:10])}{'...' if train_all.num_classes > 10 else ''}); drop --num_classes or fix the folders"
         )
-    if cfg.unlabelled is not None:
+    if cfg.unlabelled is not None and uses_unlabelled:
         train_all = _with_unlabelled_folder(train_all, cfg)
     joined = train_all.with_unlabelled_appended()
     fraction = cfg.labelled_fraction if cfg.labelled_fraction is not None else cfg.default_labelled_fraction()
