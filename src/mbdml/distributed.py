@@ -28,6 +28,7 @@ the others (or time out after ``--dist_timeout`` seconds); they stop with a
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +113,13 @@ def shutdown(ctx: DistContext, clean: bool = True) -> None:
     On a clean exit every process first waits for the others (a barrier): one that
     tears its connections down while a peer is still using them can make the peer's
     communication threads abort it (exit status -6). After a failure (``clean`` False)
-    there is no barrier: a lost peer would never arrive at it."""
+    there is no barrier: a lost peer would never arrive at it.
+
+    Unreachable DistributedDataParallel wrappers are collected first: one freed only at
+    interpreter exit, after the group is gone, can abort the process there ("terminate
+    called without an active exception") although the run finished."""
     if ctx.owns_group and dist.is_initialized():
+        gc.collect()
         if clean and ctx.world_size > 1:
             try:
                 dist.barrier()

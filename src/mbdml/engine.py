@@ -256,6 +256,8 @@ class Trainer:
             if self.lock is not None:
                 self.lock.release()
                 self.lock = None
+            if self.dist.enabled:
+                self.step = None  # the data-parallel wrapper goes before its process group
             dist_utils.shutdown(self.dist, clean=clean)
 
     def _claim_run_dir(self) -> None:
