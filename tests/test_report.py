@@ -443,6 +443,7 @@ def test_results_document_from_the_run_files(tmp_path: Path) -> None:
         s = json.loads((env_path / "summary.json").read_text())
         s["seconds"] = 60.0 * (1 + i % 3)
         s["finished"] = f"2026-12-0{1 + i % 2}T10:00:00+0000"
+        s.update(labelled_train=126, validation=10, test=450)
         (env_path / "summary.json").write_text(json.dumps(s))
     doc = tmp_path / "docs" / "results.md"
     assert main(["report", str(root), "--doc", str(doc)]) == 0
@@ -451,11 +452,33 @@ def test_results_document_from_the_run_files(tmp_path: Path) -> None:
     assert "    mbdml compare --datasets digits --runs 4" in text
     assert f"`{'a' * 40}`" in text and "Test CPU (AVX2), 2 threads, cpu" in text
     assert "2026-12-01 to 2026-12-02" in text and "minutes per run" in text
+    assert "- images per run: 126 labelled training, 10 validation, 450 test" in text
     assert "paired difference against NNGK" in text.replace("Paired difference", "paired difference")
     assert "**+1.00 [+0.74, +1.26] p=0.12 n=4**" in text  # MbDML2's test difference, the one marked
     # a --doc path that cannot be written: one line, exit status 2
     (tmp_path / "afile").write_text("x")
     assert main(["report", str(root), "--doc", str(tmp_path / "afile" / "results.md")]) == 2
+
+
+def test_several_references_give_a_paired_table_each(tmp_path: Path) -> None:
+    """--reference nngk,mbdml2: the first names the usual files, the second adds its own;
+    the page and the printed text hold both, each against its own reference."""
+    from mbdml.cli import main
+    from mbdml.report import reference_list
+
+    assert reference_list("nngk, mixup,nngk,") == ["nngk", "mixup"] and reference_list([]) == ["nngk"]
+    root = _paired_results(tmp_path / "r")
+    doc = tmp_path / "results.md"
+    assert main(["report", str(root), "--reference", "nngk,mbdml2", "--doc", str(doc)]) == 0
+    first = (root / "paired_final.csv").read_text()
+    second = (root / "paired_final_vs_mbdml2.csv").read_text()
+    assert "mbdml2,nngk,digits,test,4," in first
+    # against MbDML2, NNGK is 1.0 point lower on test: the sign turns over
+    row = next(line for line in second.splitlines() if line.startswith("nngk,mbdml2,digits,test,"))
+    assert float(row.split(",")[5]) == pytest.approx(-0.01)
+    text = doc.read_text()
+    assert "--reference nngk,mbdml2" in text
+    assert "paired difference against NNGK" in text and "paired difference against MbDML2" in text
 
 
 def test_paired_between_two_folders_that_differ_in_one_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

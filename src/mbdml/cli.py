@@ -92,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--runs", type=int, default=10, help="runs per method and data set, each on its own seeded split (default 10)")
     g.add_argument("--results_dir", default="results/compare", help="where runs, tables and plots go (default results/compare)")
     g.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
-    g.add_argument("--reference", default="nngk", help="the method every other is compared with at the end, paired by run (default nngk)")
+    g.add_argument("--reference", default="nngk", help="the method every other is compared with at the end, paired by run; several, comma-separated, give a table each (default nngk)")
     add_run_options(p, single_run=False)
 
     p = sub.add_parser("report", help="rebuild the comparison tables and plots of results folders without training")
     p.add_argument("results_dir", nargs="+", help="one or more folders written by 'mbdml compare'")
     p.add_argument("--versus", default=None, help="another results folder made with one setting changed: each method is paired by run against the same method there")
     p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences, commands, commit, CPU and minutes (e.g. docs/results.md)")
-    p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run (default nngk)")
+    p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run; several, comma-separated (e.g. nngk,mixup), give a table each (default nngk)")
 
     p = sub.add_parser("export", help="write a run's network and kernel classifier as one file that plain PyTorch loads (uint8 images -> class probabilities)")
     p.add_argument("run_dir")

@@ -63,6 +63,7 @@ __all__ = [
     "paper_cells",
     "read_summary",
     "report_text",
+    "reference_list",
     "results_document",
     "write_report",
 ]
@@ -633,8 +634,18 @@ def _runs_csv(records: Sequence[RunRecord]) -> str:
     return buf.getvalue()
 
 
+def reference_list(reference: str | Sequence[str]) -> list[str]:
+    """The reference methods of a report: ``"nngk,mixup"`` or a sequence, in order, each once."""
+    names = reference.split(",") if isinstance(reference, str) else list(reference)
+    out: list[str] = []
+    for n in (x.strip() for x in names):
+        if n and n not in out:
+            out.append(n)
+    return out or ["nngk"]
+
+
 def write_report(
-    results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc", reference: str = "nngk",
+    results_dir: str | Path, out_dir: str | Path | None = None, metric: str = "nngk_acc", reference: str | Sequence[str] = "nngk",
     records: Sequence[RunRecord] | None = None,
 ) -> dict[str, Path]:
     """Write the tables of the runs under ``results_dir`` into ``out_dir`` (default: the same).
@@ -642,7 +653,9 @@ def write_report(
     Files: ``table_final.{md,csv,tex,txt}``, ``table_best_val.{md,csv,tex,txt}``,
     ``table_authors_best_on_test.md`` (always NNGK accuracy, the only metric it
     has), ``paired_final.{md,csv,txt}`` and ``paired_best_val.{md,csv,txt}`` (each
-    method against ``reference``, paired by run) and ``runs.csv`` (a row per run).
+    method against ``reference``, paired by run; with several references, comma-separated,
+    the first names these files and each other one adds ``paired_<selection>_vs_<method>``)
+    and ``runs.csv`` (a row per run).
     ``records`` (default: every run, :func:`collect_runs`) are the runs in the tables.
     Returns the paths keyed by file name.
     """
@@ -663,11 +676,13 @@ def write_report(
             files[f"table_{selection}.{suffix}"] = format_table(cells, style=style, title=title)
     cells = aggregate(records, "authors_best_on_test", "nngk_acc")
     files["table_authors_best_on_test.md"] = format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells))
-    for selection in ("final", "best_val"):
-        paired = paired_comparisons(records, reference, selection, metric)
-        title = _paired_title(selection, reference, metric)
-        for suffix, style in (("md", "markdown"), ("csv", "csv"), ("txt", "text")):
-            files[f"paired_{selection}.{suffix}"] = format_paired(paired, reference, style=style, title=title)
+    for i, ref in enumerate(reference_list(reference)):
+        for selection in ("final", "best_val"):
+            paired = paired_comparisons(records, ref, selection, metric)
+            title = _paired_title(selection, ref, metric)
+            stem = f"paired_{selection}" + ("" if i == 0 else f"_vs_{ref}")
+            for suffix, style in (("md", "markdown"), ("csv", "csv"), ("txt", "text")):
+                files[f"{stem}.{suffix}"] = format_paired(paired, ref, style=style, title=title)
     files["runs.csv"] = _runs_csv(records)
     paths: dict[str, Path] = {}
     for name, text in files.items():
@@ -681,7 +696,7 @@ def write_report(
 
 
 def report_text(
-    results_dir: str | Path, metric: str = "nngk_acc", reference: str = "nngk", records: Sequence[RunRecord] | None = None,
+    results_dir: str | Path, metric: str = "nngk_acc", reference: str | Sequence[str] = "nngk", records: Sequence[RunRecord] | None = None,
 ) -> str:
     """The text tables of the final model and of the best-on-validation model, each
     followed by its paired differences against ``reference``, for printing (of
@@ -693,8 +708,9 @@ def report_text(
     for selection in ("final", "best_val"):
         cells = aggregate(records, selection, table_metric)
         parts.append(format_table(cells, style="text", title=_title(selection, name, cells)))
-        paired = paired_comparisons(records, reference, selection, metric)
-        parts.append(format_paired(paired, reference, style="text", title=_paired_title(selection, reference, metric)))
+        for ref in reference_list(reference):
+            paired = paired_comparisons(records, ref, selection, metric)
+            parts.append(format_paired(paired, ref, style="text", title=_paired_title(selection, ref, metric)))
     return "\n".join(parts)
 
 
@@ -723,13 +739,20 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
     commands = _distinct(_command(e) for e in envs)
     commits = _distinct(e.get("commit") for e in envs)
     machines = _distinct(
-        f"{e.get('cpu', '?')} ({e.get('cpu_capability', '?')}), {e.get('threads', '?')} threads, {e.get('device', '?')}, torch {e.get('torch', '?')}"
+        f"{e.get('cpu', '?')} ({e.get('cpu_capability', '?')}), {e.get('threads', '?')} thread{'' if e.get('threads') == 1 else 's'}, "
+        f"{e.get('device', '?')}, torch {e.get('torch', '?')}"
         for e in envs if e
+    )
+    sizes = _distinct(
+        f"{r.summary['labelled_train']} labelled training, {r.summary.get('validation', '?')} validation, {r.summary.get('test', '?')} test"
+        for r in records if r.summary.get("labelled_train") is not None
     )
     dates = _distinct(str(r.summary.get("finished", ""))[:10] for r in records)
     lines = ["Commands:", ""] + [f"    {c}" for c in commands or ["(not recorded)"]] + [""]
     lines.append(f"- commit: {', '.join(f'`{c}`' for c in commits) or 'not recorded'}")
     lines.append(f"- machine: {'; '.join(machines) or 'not recorded'}")
+    if sizes:
+        lines.append(f"- images per run: {'; '.join(sizes)}")
     lines.append(f"- finished: {dates[0] + (' to ' + dates[-1] if len(dates) > 1 else '') if dates else 'not recorded'}")
     minutes: dict[str, list[float]] = {}
     for r in records:
@@ -742,14 +765,14 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
     return lines + [""]
 
 
-def results_document(results_dirs: Sequence[str | Path], reference: str = "nngk", metric: str = "nngk_acc",
+def results_document(results_dirs: Sequence[str | Path], reference: str | Sequence[str] = "nngk", metric: str = "nngk_acc",
                      command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None) -> str:
     """A Markdown page of the tables of several results folders, written from their run files.
 
     For each folder: how its runs were made (commands, commit, machine, dates, minutes
     per run, all read from the runs' environment.json and summary.json), the tables of
     the final and the best-on-validation model, the paired differences against
-    ``reference``, and the authors' best-on-test figure as a marked extra. ``command``
+    ``reference`` (each of several, comma-separated), and the authors' best-on-test figure as a marked extra. ``command``
     is the command that wrote the page, named at its top. ``runs_by_folder``, keyed by
     folder, are runs already read (default: each folder is read here).
     """
@@ -764,9 +787,10 @@ def results_document(results_dirs: Sequence[str | Path], reference: str = "nngk"
         for selection in ("final", "best_val"):
             cells = aggregate(records, selection, metric)
             out.append(format_table(cells, style="markdown", title=_title(selection, metric, cells)))
-            paired = paired_comparisons(records, reference, selection, metric)
-            if paired:
-                out.append(format_paired(paired, reference, style="markdown", title=_paired_title(selection, reference, metric)))
+            for ref in reference_list(reference):
+                paired = paired_comparisons(records, ref, selection, metric)
+                if paired:
+                    out.append(format_paired(paired, ref, style="markdown", title=_paired_title(selection, ref, metric)))
         cells = aggregate(records, "authors_best_on_test", "nngk_acc")
         if cells:
             out.append(format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells), mark_best=False))
