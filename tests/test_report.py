@@ -499,3 +499,9 @@ def test_paired_between_two_folders_that_differ_in_one_setting(tmp_path: Path, c
     assert main(["report", str(a), "--versus", str(b)]) == 0
     out = capsys.readouterr().out
     assert f"{a} against {b}, final model" in out and "+0.50 [+0.50, +0.50]" in out
+    # the page holds the same pairing, and names --versus in its command
+    doc = tmp_path / "results.md"
+    assert main(["report", str(a), "--versus", str(b), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert f"--versus {b} --doc {doc}" in text
+    assert f"{a.as_posix()} against {b.as_posix()}, final model" in text and "**+0.50 [+0.50, +0.50]" in text

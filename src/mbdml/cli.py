@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild the comparison tables and plots of results folders without training")
     p.add_argument("results_dir", nargs="+", help="one or more folders written by 'mbdml compare'")
     p.add_argument("--versus", default=None, help="another results folder made with one setting changed: each method is paired by run against the same method there")
-    p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences, commands, commit, CPU and minutes (e.g. docs/results.md)")
+    p.add_argument("--doc", default=None, help="also write one Markdown page of every folder's tables, paired differences (and those against --versus), commands, commit, CPU and minutes (e.g. docs/results.md)")
     p.add_argument("--reference", default="nngk", help="the method every other is compared with, paired by run; several, comma-separated (e.g. nngk,mixup), give a table each (default nngk)")
 
     p = sub.add_parser("export", help="write a run's network and kernel classifier as one file that plain PyTorch loads (uint8 images -> class probabilities)")
@@ -318,14 +318,15 @@ def cmd_report(args: argparse.Namespace) -> int:
                 title = f"{folder} against {args.versus}, {what}: paired difference over the runs on the same splits"
                 print(format_paired(paired_between(records[folder], others, selection), args.versus, style="text", title=title))
     if args.doc is not None:
-        words = ["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else []) + ["--doc", args.doc]
+        words = (["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else [])
+                 + (["--versus", args.versus] if args.versus is not None else []) + ["--doc", args.doc])
         doc = Path(args.doc)
         blocking = next((p for p in doc.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise ConfigError(f"cannot write {doc}: {blocking} is a file, not a folder; give another --doc path")
         try:
             doc.parent.mkdir(parents=True, exist_ok=True)
-            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), runs_by_folder=records), encoding="utf-8")
+            doc.write_text(results_document(args.results_dir, reference=args.reference, command=" ".join(words), runs_by_folder=records, versus=args.versus), encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot write {doc} ({e.strerror or e}); give a writable --doc path") from None
         written.append(str(doc))

@@ -766,7 +766,8 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
 
 
 def results_document(results_dirs: Sequence[str | Path], reference: str | Sequence[str] = "nngk", metric: str = "nngk_acc",
-                     command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None) -> str:
+                     command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None,
+                     versus: str | Path | None = None) -> str:
     """A Markdown page of the tables of several results folders, written from their run files.
 
     For each folder: how its runs were made (commands, commit, machine, dates, minutes
@@ -774,7 +775,9 @@ def results_document(results_dirs: Sequence[str | Path], reference: str | Sequen
     the final and the best-on-validation model, the paired differences against
     ``reference`` (each of several, comma-separated), and the authors' best-on-test figure as a marked extra. ``command``
     is the command that wrote the page, named at its top. ``runs_by_folder``, keyed by
-    folder, are runs already read (default: each folder is read here).
+    folder, are runs already read (default: each folder is read here). ``versus``, a
+    folder made with one setting changed, gets its own section, and each folder's
+    methods are paired by run against the same methods there.
     """
     out = ["# Results", ""]
     if command:
@@ -794,4 +797,11 @@ def results_document(results_dirs: Sequence[str | Path], reference: str | Sequen
         cells = aggregate(records, "authors_best_on_test", "nngk_acc")
         if cells:
             out.append(format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells), mark_best=False))
+        if versus is not None:
+            others = collect_runs(versus)
+            for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
+                paired = paired_between(records, others, selection, metric)
+                if paired:
+                    title = f"{Path(folder).as_posix()} against {Path(versus).as_posix()}, {what}: paired difference over the runs on the same splits"
+                    out.append(format_paired(paired, Path(versus).as_posix(), style="markdown", title=title))
     return "\n".join(out).rstrip() + "\n"
