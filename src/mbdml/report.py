@@ -797,7 +797,7 @@ def results_document(results_dirs: Sequence[str | Path], reference: str | Sequen
         cells = aggregate(records, "authors_best_on_test", "nngk_acc")
         if cells:
             out.append(format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells), mark_best=False))
-        if versus is not None:
+        if versus is not None and Path(versus).resolve() != Path(folder).resolve():
             others = collect_runs(versus)
             for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
                 paired = paired_between(records, others, selection, metric)
