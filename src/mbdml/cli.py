@@ -310,13 +310,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(report_text(folder, reference=args.reference, records=records[folder]))
         written += [str(p) for p in paths.values()]
     if args.versus is not None:
-        from .report import format_paired, paired_between
+        from .report import versus_tables
 
-        others = collect_runs(args.versus)
+        if args.versus not in records:  # read once, for the page too
+            records[args.versus] = collect_runs(args.versus)
+        others = records[args.versus]
         for folder in args.results_dir:
-            for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
-                title = f"{folder} against {args.versus}, {what}: paired difference over the runs on the same splits"
-                print(format_paired(paired_between(records[folder], others, selection), args.versus, style="text", title=title))
+            for table in versus_tables(folder, records[folder], args.versus, others):
+                print(table)
     if args.doc is not None:
         words = (["mbdml report", *args.results_dir] + (["--reference", args.reference] if args.reference != "nngk" else [])
                  + (["--versus", args.versus] if args.versus is not None else []) + ["--doc", args.doc])

@@ -65,6 +65,7 @@ __all__ = [
     "report_text",
     "reference_list",
     "results_document",
+    "versus_tables",
     "write_report",
 ]
 
@@ -765,6 +766,20 @@ def _provenance(records: Sequence[RunRecord]) -> list[str]:
     return lines + [""]
 
 
+def versus_tables(folder: str | Path, records: Sequence[RunRecord], versus: str | Path, others: Sequence[RunRecord],
+                  style: str = "text", metric: str = "nngk_acc") -> list[str]:
+    """Each method of ``folder`` paired by run against the same method in ``versus`` (a
+    folder made with one setting changed), for the final and the best-on-validation
+    model; nothing for a pairing without shared runs."""
+    out = []
+    for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
+        paired = paired_between(records, others, selection, metric)
+        if paired:
+            title = f"{Path(folder).as_posix()} against {Path(versus).as_posix()}, {what}: paired difference over the runs on the same splits"
+            out.append(format_paired(paired, Path(versus).as_posix(), style=style, title=title))
+    return out
+
+
 def results_document(results_dirs: Sequence[str | Path], reference: str | Sequence[str] = "nngk", metric: str = "nngk_acc",
                      command: str | None = None, runs_by_folder: Mapping[Any, Sequence[RunRecord]] | None = None,
                      versus: str | Path | None = None) -> str:
@@ -779,6 +794,10 @@ def results_document(results_dirs: Sequence[str | Path], reference: str | Sequen
     folder made with one setting changed, gets its own section, and each folder's
     methods are paired by run against the same methods there.
     """
+    others: Sequence[RunRecord] | None = None
+    if versus is not None:
+        read = runs_by_folder.get(versus) if runs_by_folder is not None else None
+        others = list(read) if read is not None else collect_runs(versus)
     out = ["# Results", ""]
     if command:
         out += [f"Written by `{command}` from the run summaries; do not edit by hand.", ""]
@@ -797,11 +816,6 @@ def results_document(results_dirs: Sequence[str | Path], reference: str | Sequen
         cells = aggregate(records, "authors_best_on_test", "nngk_acc")
         if cells:
             out.append(format_table(cells, style="markdown", title=_title("authors_best_on_test", "nngk_acc", cells), mark_best=False))
-        if versus is not None and Path(versus).resolve() != Path(folder).resolve():
-            others = collect_runs(versus)
-            for selection, what in (("final", "final model"), ("best_val", "model best on validation")):
-                paired = paired_between(records, others, selection, metric)
-                if paired:
-                    title = f"{Path(folder).as_posix()} against {Path(versus).as_posix()}, {what}: paired difference over the runs on the same splits"
-                    out.append(format_paired(paired, Path(versus).as_posix(), style="markdown", title=title))
+        if versus is not None and others is not None and Path(versus).resolve() != Path(folder).resolve():
+            out += versus_tables(folder, records, versus, others, style="markdown", metric=metric)
     return "\n".join(out).rstrip() + "\n"
